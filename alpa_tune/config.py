@@ -1,0 +1,380 @@
+"""Study configuration: TOML file + ``--set`` overrides -> validated, typed objects.
+
+Every field is checked before any work starts; a bad field raises :class:`ConfigError`
+whose message is one line naming the key and what is wrong (the CLI prints it, exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+VARIANTS = ("alpa", "alpa_hill")
+SAMPLERS = ("tpe", "random", "qmc", "cmaes")
+PRUNERS = ("none", "median", "wilcoxon", "successive_halving")
+REPORT_MODES = ("fold", "epoch")
+SCHEDULERS = ("none", "cosine")
+OPTIMIZERS = ("adam", "adamw")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+# The search space's hard limits: the paper's ranges, which every loss is proven finite on.
+SPACE_LIMITS = {
+    "alpha": (0.5, 2.0),
+    "beta": (0.5, 2.0),
+    "gamma_pos": (0.0, 5.0),
+    "gamma_neg": (0.0, 5.0),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is missing, misspelt, of the wrong type or impossible."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits-lt"
+    path: str | None = None  # dataset file or folder (npz, csv, class-folder root)
+    images: str | None = None  # image folder for the csv source
+    image_size: int = 32
+    cache_dir: str | None = None  # default: the user cache folder
+    imbalance_ratio: float = 20.0  # digits-lt / synthetic: n_max / n_min
+    id_column: str = "id_code"
+    label_column: str = "diagnosis"
+    extension: str | None = None  # csv source: image extension, found when unset
+    official_splits: bool = False  # medmnist: keep train+val for tuning, test as hold-out
+    num_classes: int = 5  # synthetic only
+    samples_per_class: int = 60  # synthetic / digits-lt head class size cap
+    num_samples: int | None = None  # synthetic: total (overrides samples_per_class)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet10t"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    drop_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    folds: int = 3
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    holdout: float = 0.2
+    seed: int = 0
+    optimizer: str = "adamw"
+    scheduler: str = "none"
+    warmup_epochs: int = 0
+    grad_clip: float = 0.0  # 0 disables clipping
+    amp: str = "auto"  # auto: bf16 on CUDA, off on CPU
+    channels_last: bool = True
+    compile: bool = False
+    augment: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:K
+    threads: int = 0  # torch threads per worker; 0 = cores / local workers
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    alpha: tuple[float, float] = (0.5, 2.0)
+    beta: tuple[float, float] = (0.5, 2.0)
+    gamma_pos: tuple[float, float] = (0.0, 5.0)
+    gamma_neg: tuple[float, float] = (0.0, 5.0)
+    clip: float = 0.05
+    focusing: str = "reference"
+    hill_lambda: float = 1.5
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = 8
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 0
+    variants: tuple[str, ...] = VARIANTS
+    report: str = "fold"
+    n_startup_trials: int = 4
+    enqueue_paper_points: bool = True
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-ready dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, overrides: list[str]) -> StudyConfig:
+        """A copy with ``--set KEY=VALUE`` overrides applied and validated."""
+        raw = self.to_dict()
+        apply_overrides(raw, overrides)
+        return config_from_dict(raw)
+
+
+# Keys a single worker may change without training differently from the others.
+MACHINE_LOCAL_KEYS = frozenset(
+    {"data.path", "data.images", "data.cache_dir", "model.checkpoint", "training.device", "training.threads"}
+)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read a study TOML file, apply ``--set`` overrides, validate everything."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"training.folds=3"`` -> ``("training.folds", 3)``; the value is parsed as TOML."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.folds=3")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        # A bare word (a path, a backbone name) is meant as a string.
+        parsed = value.strip()
+    return key, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``--set`` overrides to a raw config dict in place."""
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    return [parse_override(item)[0] for item in overrides]
+
+
+def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
+    """Build and validate a StudyConfig from a raw (TOML-shaped) dict."""
+    config = _build(StudyConfig, raw, prefix="")
+    _validate(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {_describe(raw)}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"{prefix}{key}: unknown key (valid keys here: {valid})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, raw[f.name], prefix=f"{key}.")
+        else:
+            values[f.name] = _coerce(raw[f.name], hint, key)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key (only `name`) is missing
+        raise ConfigError(f"{prefix or ''}{exc}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is not None and type(None) in args:  # X | None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value}")
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+    if origin is tuple and args == (float, float):
+        if isinstance(value, list) and len(value) == 2:
+            return tuple(_coerce(v, float, key) for v in value)
+        raise ConfigError(f"{key}: expected [low, high], got {_describe(value)}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return tuple(_coerce(v, args[0], key) for v in value)
+        raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a coding error
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, dict) else kind
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def _validate(c: StudyConfig) -> None:
+    # Imported here so that a plain config check does not pay for torch/timm at import time.
+    from alpa_tune.data import available_sources
+    from alpa_tune.models import backbone_exists
+
+    if not c.name or not all(ch.isalnum() or ch in "-_." for ch in c.name):
+        raise ConfigError(f"name: {c.name!r} must be non-empty letters, digits, '-', '_' or '.'")
+
+    d = c.data
+    _one_of("data.source", d.source, available_sources())
+    _at_least("data.image_size", d.image_size, 8)
+    if d.imbalance_ratio < 1:
+        raise ConfigError(f"data.imbalance_ratio: must be >= 1, got {d.imbalance_ratio}")
+    _at_least("data.num_classes", d.num_classes, 2)
+    _at_least("data.samples_per_class", d.samples_per_class, 1)
+
+    if not backbone_exists(c.model.backbone):
+        raise ConfigError(f"model.backbone: {c.model.backbone!r} is not a timm model name (see timm.list_models())")
+    if not 0 <= c.model.drop_rate < 1:
+        raise ConfigError(f"model.drop_rate: must be in [0, 1), got {c.model.drop_rate}")
+
+    t = c.training
+    _at_least("training.folds", t.folds, 2)
+    _at_least("training.epochs", t.epochs, 1)
+    _at_least("training.batch_size", t.batch_size, 1)
+    if t.lr <= 0:
+        raise ConfigError(f"training.lr: must be > 0, got {t.lr}")
+    _at_least("training.weight_decay", t.weight_decay, 0)
+    if not 0 < t.holdout < 1:
+        raise ConfigError(f"training.holdout: must be between 0 and 1, got {t.holdout}")
+    _one_of("training.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("training.scheduler", t.scheduler, SCHEDULERS)
+    _at_least("training.warmup_epochs", t.warmup_epochs, 0)
+    _at_least("training.grad_clip", t.grad_clip, 0)
+    _one_of("training.amp", t.amp, AMP_MODES)
+    _at_least("training.threads", t.threads, 0)
+    if t.device not in ("auto", "cpu", "cuda") and not (
+        t.device.startswith("cuda:") and t.device[5:].isdigit()
+    ):
+        raise ConfigError(f"training.device: {t.device!r} is not one of auto, cpu, cuda, cuda:K")
+
+    s = c.search
+    _at_least("search.n_trials", s.n_trials, 1)
+    _one_of("search.sampler", s.sampler, SAMPLERS)
+    _one_of("search.pruner", s.pruner, PRUNERS)
+    _one_of("search.report", s.report, REPORT_MODES)
+    _at_least("search.n_startup_trials", s.n_startup_trials, 0)
+    if not s.variants:
+        raise ConfigError("search.variants: must name at least one of " + ", ".join(VARIANTS))
+    for variant in s.variants:
+        _one_of("search.variants", variant, VARIANTS)
+    if len(set(s.variants)) != len(s.variants):
+        raise ConfigError(f"search.variants: {list(s.variants)} repeats a variant")
+    for name, (lo_limit, hi_limit) in SPACE_LIMITS.items():
+        low, high = getattr(s.space, name)
+        key = f"search.space.{name}"
+        if low > high:
+            raise ConfigError(f"{key}: low {low} is greater than high {high}")
+        if low < lo_limit or high > hi_limit:
+            raise ConfigError(f"{key}: [{low}, {high}] leaves the allowed range [{lo_limit}, {hi_limit}]")
+    if not 0 <= s.space.clip <= 0.2:
+        raise ConfigError(f"search.space.clip: must be in [0, 0.2], got {s.space.clip}")
+    _one_of("search.space.focusing", s.space.focusing, ("reference", "single"))
+    if s.space.hill_lambda <= 1:
+        raise ConfigError(f"search.space.hill_lambda: must be > 1 so (lambda - p) stays positive, got {s.space.hill_lambda}")
+
+    w = c.workers
+    _at_least("workers.heartbeat_interval", w.heartbeat_interval, 1)
+    if w.grace_period <= w.heartbeat_interval:
+        raise ConfigError(
+            f"workers.grace_period: must exceed workers.heartbeat_interval ({w.heartbeat_interval}), got {w.grace_period}"
+        )
+    _at_least("workers.max_retries", w.max_retries, 0)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_toml(data: dict[str, Any], _table: str = "") -> str:
+    """Minimal TOML writer for config-shaped dicts: scalars and lists first, then sub-tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    if _table:
+        lines.insert(0, f"[{_table}]")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append("")
+            lines.append(to_toml(value, f"{_table}.{key}" if _table else key).rstrip("\n"))
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
