@@ -1,0 +1,3 @@
+from alpa_tune.cli import main
+
+main()

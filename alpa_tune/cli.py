@@ -1,0 +1,302 @@
+"""The ``alpa-tune`` command line: parses, calls the library, prints. No logic of its own.
+
+A user's mistake (bad config, path, URL, study name) ends with one ``error:`` line and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from alpa_tune import __version__
+
+app = typer.Typer(
+    help="Tune the ALPA loss (Asymmetric Loss with Padé Approximation) with Optuna: "
+    "k-fold cross-validation of a timm backbone, one worker per GPU, one study in a shared storage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+study_app = typer.Typer(help="Create, list, show and delete studies.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+console = Console()
+err_console = Console(stderr=True)
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", help="Storage URL: sqlite:///FILE, postgresql://USER:PASS@HOST/DB or journal:FILE. "
+                 "Default: $ALPA_TUNE_STORAGE, else sqlite:///alpa-tune.db in this folder."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set training.folds=3 (value parsed as TOML; repeatable)."),
+]
+
+
+def _url(storage: str | None) -> str:
+    from alpa_tune.storage import resolve_url, scheme_of
+
+    url = resolve_url(storage)
+    scheme_of(url)  # refuse an unknown scheme before anything starts
+    return url
+
+
+@app.command()
+def run(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Study config (TOML), e.g. studies/digits-lt.toml.")],
+    storage: StorageOpt = None,
+    trials: Annotated[int | None, typer.Option(help="Finished trials to reach (default: search.n_trials). A rerun tops the study up.", min=1)] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes (CPU), or per GPU with --gpus.", min=1)] = 2,
+    gpus: Annotated[str | None, typer.Option(help="GPU indices to use, e.g. 0,1 (default: all visible GPUs, else CPU).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for best.json and the worker logs.")] = Path("alpa-tune-out"),
+    set_: SetOpt = None,
+) -> None:
+    """Create the study if new, run local workers until the budget is met, write OUT/best.json."""
+    from alpa_tune.config import MACHINE_LOCAL_KEYS, load_config, override_keys
+    from alpa_tune.search import create_study
+
+    overrides = set_ or []
+    config = load_config(config_path, overrides)
+    url = _url(storage)
+    _check_writable(out)
+    study = create_study(config, url, budget=trials)
+    console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
+    local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
+    code = _launch(config.name, url, gpus, workers, workers if gpus else None, local, out)
+    _finish(config.name, url, out / "best.json")
+    raise typer.Exit(code)
+
+
+@app.command()
+def launch(
+    study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
+    storage: StorageOpt = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU indices, e.g. 0,1,2,3 (default: all visible, else CPU workers).")] = None,
+    workers_per_gpu: Annotated[int, typer.Option(help="Worker processes per GPU.", min=1)] = 1,
+    workers: Annotated[int, typer.Option(help="CPU worker processes when there is no GPU.", min=1)] = 2,
+    log_dir: Annotated[Path, typer.Option(help="Folder for the worker logs.")] = Path("alpa-tune-out"),
+    set_: SetOpt = None,
+) -> None:
+    """Start and supervise workers on this machine (one per GPU slot) until the study's budget is met."""
+    url = _url(storage)
+    raise typer.Exit(_launch(study_name, url, gpus, workers_per_gpu, workers, set_ or [], log_dir))
+
+
+@app.command()
+def worker(
+    study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
+    storage: StorageOpt = None,
+    trials: Annotated[int | None, typer.Option(help="Leave after this many trials of our own (default: until the study's budget).", min=1)] = None,
+    rank: Annotated[int, typer.Option(help="Worker rank: the sampler seed is the study seed + rank.", min=0)] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:K (default: the config's training.device).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads for this worker.", min=1)] = None,
+    set_: SetOpt = None,
+) -> None:
+    """One long-lived worker: pull trials of STUDY_NAME until its budget is met. SIGTERM stops it cleanly."""
+    from alpa_tune.workers import EXIT_GAVE_UP, run_worker
+
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f'training.device="{device}"')
+    if threads:
+        overrides.append(f"training.threads={threads}")
+    url = _url(storage)
+    result = run_worker(study_name, url, max_trials=trials, rank=rank, overrides=overrides,
+                        log=lambda message: err_console.print(message))
+    console.print(f"worker done: {result.trials_run} trial(s) run"
+                  + ("; stopped by signal" if result.stopped_by_signal else "")
+                  + ("; study budget met" if result.budget_met else ""))
+    raise typer.Exit(EXIT_GAVE_UP if result.gave_up else 0)
+
+
+@app.command()
+def export(
+    study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
+    storage: StorageOpt = None,
+    top: Annotated[int, typer.Option(help="Export the best K trials.", min=1)] = 1,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file.")] = Path("best.json"),
+    format_: Annotated[str, typer.Option("--format", help="json")] = "json",
+) -> None:
+    """Write the best trial's loss settings, metrics and provenance (load with alpa_tune.load_loss)."""
+    from alpa_tune.export import ranked_trials, trial_record, write_records
+    from alpa_tune.workers import load_study
+
+    url = _url(storage)
+    study = load_study(study_name, url)
+    records = [trial_record(study, t) for t in ranked_trials(study, top)]
+    write_records(records, output, format_)
+    console.print(f"wrote {output} (best value {records[0]['value']:.4f}, trial {records[0]['trial']})")
+
+
+@study_app.command("create")
+def study_create(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG")],
+    storage: StorageOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Create the schema and the study once (idempotent), store its config, enqueue the paper's points."""
+    from alpa_tune.config import load_config
+    from alpa_tune.search import create_study
+
+    config = load_config(config_path, set_ or [])
+    url = _url(storage)
+    create_study(config, url)
+    console.print(f"study [bold]{config.name}[/] ready in {_masked(url)}")
+
+
+@study_app.command("list")
+def study_list(storage: StorageOpt = None) -> None:
+    """List the studies in the storage with their progress."""
+    import optuna
+
+    from alpa_tune.storage import open_storage
+    from alpa_tune.views import study_line
+
+    url = _url(storage)
+    backend = open_storage(url)
+    summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
+    if not summaries:
+        console.print(f"no studies in {_masked(url)}")
+    for summary in summaries:
+        console.print(study_line(optuna.load_study(study_name=summary.study_name, storage=backend)))
+
+
+@study_app.command("show")
+def study_show(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")], storage: StorageOpt = None,
+               limit: Annotated[int, typer.Option(help="Rows to show.", min=1)] = 20) -> None:
+    """Show a study's progress and its best trials."""
+    from alpa_tune.views import trials_table
+    from alpa_tune.workers import load_study
+
+    url = _url(storage)
+    console.print(f"storage: {_masked(url)}")
+    console.print(trials_table(load_study(study_name, url), limit))
+
+
+@study_app.command("delete")
+def study_delete(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")], storage: StorageOpt = None,
+                 yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
+    """Delete a study and all its trials."""
+    import optuna
+
+    from alpa_tune.workers import load_study
+
+    url = _url(storage)
+    study = load_study(study_name, url)  # refuses an unknown name with a clear line
+    if not yes and not typer.confirm(f"delete study {study_name!r} and its {len(study.trials)} trials?"):
+        raise typer.Exit(1)
+    optuna.delete_study(study_name=study_name, storage=study._storage)
+    console.print(f"deleted study {study_name}")
+
+
+@app.command()
+def version() -> None:
+    """Print the alpa-tune version."""
+    console.print(__version__)
+
+
+def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_workers: int | None,
+            overrides: list[str], log_dir: Path) -> int:
+    from alpa_tune.views import study_line, workers_table
+    from alpa_tune.workers import detect_gpus, launch, plan_slots
+
+    gpu_list = _parse_gpus(gpus) if gpus is not None else detect_gpus()
+    slots = plan_slots(gpu_list, per_gpu, cpu_workers)
+    console.print(f"{len(slots)} worker(s) on {'GPU ' + ','.join(map(str, gpu_list)) if gpu_list else 'CPU'}; "
+                  f"logs in {log_dir}/")
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2) as live:
+            code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir,
+                          view=lambda study, s: live.update(workers_table(study, s)))
+    else:
+        last: list[str] = [""]
+
+        def print_changes(study, _slots) -> None:  # plain lines for logs and CI
+            line = study_line(study)
+            if line != last[0]:
+                console.print(line)
+                last[0] = line
+
+        code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=print_changes)
+    if code != 0:
+        err_console.print(f"the study did not reach its budget; see the worker logs in {log_dir}/")
+    return code
+
+
+def _finish(study_name: str, url: str, best_path: Path) -> None:
+    from alpa_tune.export import ExportError, ranked_trials, trial_record, write_records
+    from alpa_tune.workers import load_study
+
+    study = load_study(study_name, url)
+    try:
+        best = ranked_trials(study, 1)[0]
+    except ExportError as exc:
+        err_console.print(str(exc))
+        return
+    record = trial_record(study, best)
+    write_records([record], best_path)
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["params"].items())
+    console.print(f"best trial {best.number}: balanced accuracy {best.value:.4f}\n  {params}\nwrote {best_path}")
+
+
+def _parse_gpus(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--gpus {text!r}: expected comma-separated indices such as 0,1") from None
+
+
+def _check_writable(folder: Path) -> None:
+    from alpa_tune.export import ExportError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ExportError(f"--out {folder}: not writable ({exc.strerror})") from None
+
+
+def _masked(url: str) -> str:
+    from alpa_tune.storage import mask_url
+
+    return mask_url(url)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from alpa_tune.config import ConfigError
+    from alpa_tune.data import DataError
+    from alpa_tune.export import ExportError
+    from alpa_tune.models import ModelError
+    from alpa_tune.storage import StorageError
+    from alpa_tune.workers import StudyNotFound
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, ExportError, ModelError, StorageError, StudyNotFound]
+    try:
+        from alpa_tune.losses import LossConfigError
+
+        errors.append(LossConfigError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main() -> None:
+    """Console entry point: user errors become one masked line and exit code 2."""
+    try:
+        app()
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        from alpa_tune.storage import mask_text
+
+        err_console.print(f"error: {mask_text(str(exc))}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

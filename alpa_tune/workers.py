@@ -1,0 +1,274 @@
+"""The long-lived worker loop, and the launcher that starts and supervises workers on one machine.
+
+Budget rule (exact across any number of workers): under the study's lock, a worker starts
+a trial only while finished + running < budget; the lock is released as soon as the new
+trial exists. A worker whose trial may still fail (and be re-queued) waits instead of leaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
+from alpa_tune.search import (
+    Objective,
+    count_states,
+    make_pruner,
+    make_sampler,
+    stored_config,
+    study_budget,
+)
+from alpa_tune.storage import ENV_VAR, mask_url, open_storage, study_lock
+
+MAX_CONSECUTIVE_FAILURES = 5
+EXIT_BAD_INPUT = 2
+EXIT_GAVE_UP = 3
+
+
+class StudyNotFound(LookupError):
+    pass
+
+
+@dataclass
+class WorkerResult:
+    trials_run: int = 0
+    stopped_by_signal: bool = False
+    budget_met: bool = False
+    gave_up: bool = False
+
+
+def load_study(name: str, url: str, **kwargs) -> optuna.Study:
+    storage = kwargs.pop("storage", None) or open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, **kwargs)
+    except KeyError:
+        raise StudyNotFound(f"study {name!r} does not exist in storage {mask_url(url)}") from None
+
+
+def finished(counts: dict[TrialState, int]) -> int:
+    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+
+
+def run_worker(
+    study_name: str,
+    url: str,
+    *,
+    max_trials: int | None = None,
+    rank: int = 0,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+    install_signal_handlers: bool = True,
+) -> WorkerResult:
+    """Pull trials until the study's budget is met (or ``max_trials`` of our own ran)."""
+    import torch
+
+    from alpa_tune.data import load_dataset
+    from alpa_tune.training import resolve_device
+
+    refused = [key for key in override_keys(list(overrides)) if key not in MACHINE_LOCAL_KEYS]
+    if refused:
+        raise ConfigError(
+            f"--set {refused[0]}: a worker may change only machine-local keys "
+            f"({', '.join(sorted(MACHINE_LOCAL_KEYS))}); every worker of a study trains the same way"
+        )
+    config = stored_config(load_study(study_name, url)).replace(list(overrides))
+    torch.set_num_threads(config.training.threads or os.cpu_count() or 1)
+    device = resolve_device(config.training.device)
+    dataset = load_dataset(config.data)  # once per process, shared by every trial
+
+    storage = open_storage(url, config.workers)
+    study = load_study(study_name, url, storage=storage, sampler=make_sampler(config.search, rank),
+                       pruner=make_pruner(config))
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=config.workers.max_retries)
+    stop = threading.Event()
+    result = WorkerResult()
+    if install_signal_handlers:
+        _install_stop_handlers(stop, log)
+
+    failures = 0
+    poll = min(2.0, config.workers.heartbeat_interval)
+    while not stop.is_set():
+        if max_trials is not None and result.trials_run >= max_trials:
+            break
+        lock = contextlib.ExitStack()
+        lock.enter_context(study_lock(url, study_name))
+        try:
+            fail_stale_trials(study)  # an ask/tell-style loop must do this itself
+            counts = count_states(study)
+            budget = study_budget(study)
+            if finished(counts) >= budget:
+                result.budget_met = True
+                break
+            if finished(counts) + counts[TrialState.RUNNING] >= budget:
+                # Every remaining slot is taken; one may still fail and need a retry, so wait.
+                lock.close()
+                stop.wait(poll)
+                continue
+            objective = Objective(config, dataset, device=device, stop_event=stop,
+                                  on_started=lambda trial: lock.close())
+            # Every trial error becomes a FAIL with its reason; the worker goes on.
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        finally:
+            lock.close()
+        result.trials_run += 1
+        last = _my_last_trial(study)
+        if stop.is_set():
+            if last is not None and last.state == TrialState.FAIL:
+                retry(study, last)  # interrupted, not broken: run it again elsewhere, same params
+            break
+        if last is not None and last.state == TrialState.FAIL:
+            failures += 1
+            log(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the worker log')}")
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                log(f"giving up after {failures} failed trials in a row")
+                result.gave_up = True
+                break
+        else:
+            failures = 0
+    if stop.is_set():
+        result.stopped_by_signal = True
+    return result
+
+
+def _my_last_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == me]
+    return mine[-1] if mine else None
+
+
+def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)  # second signal: leave now; the heartbeat fails the trial later
+        stop.set()
+        log(f"{signal.Signals(signum).name}: finishing the current epoch, then stopping (again to quit now)")
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+# ---------------------------------------------------------------- launcher
+
+
+@dataclass
+class Slot:
+    rank: int
+    device: str
+    env: dict[str, str]
+    threads: int
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    state: str = "starting"
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def plan_slots(gpus: Sequence[int] | None, workers_per_gpu: int, workers: int | None) -> list[Slot]:
+    """One slot per GPU x workers_per_gpu (pinned by CUDA_VISIBLE_DEVICES), else CPU workers."""
+    if gpus:
+        slots = []
+        for gpu in gpus:
+            for _ in range(workers_per_gpu):
+                slots.append(Slot(len(slots), "cuda:0", {"CUDA_VISIBLE_DEVICES": str(gpu)}, threads=2))
+        return slots
+    count = workers or 2
+    threads = max(1, (os.cpu_count() or 1) // count)  # N workers on N cores must not oversubscribe them
+    return [Slot(rank, "cpu", {"CUDA_VISIBLE_DEVICES": ""}, threads) for rank in range(count)]
+
+
+def detect_gpus() -> list[int]:
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    except Exception:  # noqa: BLE001 - no usable CUDA: CPU workers
+        return []
+
+
+def launch(
+    study_name: str,
+    url: str,
+    *,
+    slots: list[Slot],
+    overrides: Sequence[str] = (),
+    log_dir: Path,
+    max_restarts: int = 3,
+    view: Callable[[optuna.Study, list[Slot]], None] | None = None,
+    refresh_seconds: float = 1.0,
+) -> int:
+    """Start one worker process per slot and supervise them until the study's budget is met.
+
+    Returns 0 when the budget was reached, 1 otherwise. A crashed worker is restarted
+    (at most ``max_restarts`` times per slot); a worker that exits 2 (bad input) is not.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    study = load_study(study_name, url)
+    interrupted = {"count": 0}
+
+    def forward(signum: int, _frame: object) -> None:
+        interrupted["count"] += 1
+        for slot in slots:
+            if slot.process and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM if interrupted["count"] == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in slots:
+            _start(slot, study_name, url, overrides, log_dir)
+        while True:
+            alive = 0
+            for slot in slots:
+                code = slot.process.poll() if slot.process else None
+                if slot.process is not None and code is None:
+                    alive += 1
+                    continue
+                if slot.process is None:
+                    continue
+                slot.exit_codes.append(code)
+                slot.process = None
+                budget_met = finished(count_states(study)) >= study_budget(study)
+                if code in (0, EXIT_BAD_INPUT, EXIT_GAVE_UP) or budget_met or interrupted["count"]:
+                    slot.state = f"exited {code}"
+                elif slot.restarts < max_restarts:
+                    slot.restarts += 1
+                    _start(slot, study_name, url, overrides, log_dir)
+                    slot.state = f"restarted ({slot.restarts}) after exit {code}"
+                    alive += 1
+                else:
+                    slot.state = f"crashed (exit {code}), restart limit reached"
+            if view:
+                view(study, slots)
+            if alive == 0:
+                break
+            time.sleep(refresh_seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if finished(count_states(study)) >= study_budget(study) else 1
+
+
+def _start(slot: Slot, study_name: str, url: str, overrides: Sequence[str], log_dir: Path) -> None:
+    env = {**os.environ, **slot.env, ENV_VAR: url,  # the URL travels in the environment, not in `ps`
+           "OMP_NUM_THREADS": str(slot.threads), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "alpa_tune", "worker", study_name, "--rank", str(slot.rank),
+               "--device", slot.device, "--threads", str(slot.threads)]
+    for item in overrides:
+        command += ["--set", item]
+    log = open(log_dir / f"worker-{slot.rank}.log", "ab")
+    slot.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    slot.state = "running"

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny study configs on generated data, a throwaway PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("ALPA_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# Small enough that a trial takes a second or two on one CPU core.
+TINY_CONFIG = """
+name = "{name}"
+
+[data]
+source = "synthetic"
+image_size = 16
+num_classes = 4
+samples_per_class = 24
+imbalance_ratio = 4.0
+
+[model]
+backbone = "resnet10t"
+
+[training]
+folds = 2
+epochs = {epochs}
+batch_size = 32
+lr = 0.003
+threads = 1
+
+[search]
+n_trials = {n_trials}
+sampler = "{sampler}"
+pruner = "none"
+seed = 0
+
+[workers]
+heartbeat_interval = 1
+grace_period = 3
+max_retries = 2
+"""
+
+
+def write_config(folder: Path, name: str = "tiny", *, epochs: int = 1, n_trials: int = 2,
+                 sampler: str = "tpe") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(TINY_CONFIG.format(name=name, epochs=epochs, n_trials=n_trials, sampler=sampler))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real ``alpa-tune`` entry point in a fresh process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("ALPA_TUNE_STORAGE", None) if env is None or "ALPA_TUNE_STORAGE" not in env else None
+    return subprocess.run([sys.executable, "-m", "alpa_tune", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _admin_engine():
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The admin URL of the real local PostgreSQL (.ci/run starts it)."""
+    import sqlalchemy
+
+    engine = _admin_engine()
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    finally:
+        engine.dispose()
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """A fresh, empty database for one test; dropped afterwards."""
+    import sqlalchemy
+
+    name = f"alpa_test_{uuid.uuid4().hex[:12]}"
+    engine = _admin_engine()
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"),
+            {"name": name})
+        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    engine.dispose()
