@@ -61,10 +61,19 @@ def tiny_config(tmp_path: Path) -> Path:
 def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real ``alpa-tune`` entry point in a fresh process."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("ALPA_TUNE_STORAGE", None) if env is None or "ALPA_TUNE_STORAGE" not in env else None
+    full_env = {k: v for k, v in os.environ.items() if k != "ALPA_TUNE_STORAGE"}
+    full_env.update({"OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})})
     return subprocess.run([sys.executable, "-m", "alpa_tune", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_worker(study: str, url: str, *extra: str, cwd: Path | None = None,
+                 log: Path | None = None) -> subprocess.Popen:
+    """A real ``alpa-tune worker`` process (output to ``log`` when given)."""
+    env = {**os.environ, "ALPA_TUNE_STORAGE": url, "OMP_NUM_THREADS": "1"}
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "alpa_tune", "worker", study, "--threads", "1", *extra],
+                            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _admin_engine():
