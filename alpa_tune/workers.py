@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import SQLAlchemyError
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
@@ -32,9 +34,11 @@ from alpa_tune.search import (
     stored_config,
     study_budget,
 )
-from alpa_tune.storage import ENV_VAR, mask_url, open_storage, study_lock
+from alpa_tune.storage import ENV_VAR, mask_text, mask_url, open_storage, study_lock
 
 MAX_CONSECUTIVE_FAILURES = 5
+MAX_STORAGE_ERRORS = 8
+STORAGE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StorageInternalError, OSError)
 EXIT_BAD_INPUT = 2
 EXIT_GAVE_UP = 3
 
@@ -99,31 +103,34 @@ def run_worker(
     if install_signal_handlers:
         _install_stop_handlers(stop, log)
 
-    failures = 0
+    failures = storage_errors = 0
     poll = min(2.0, config.workers.heartbeat_interval)
+
+    def objective(on_started: Callable[[optuna.Trial], None]) -> Objective:
+        return Objective(config, dataset, device=device, stop_event=stop, on_started=on_started)
+
     while not stop.is_set():
         if max_trials is not None and result.trials_run >= max_trials:
             break
-        lock = contextlib.ExitStack()
-        lock.enter_context(study_lock(url, study_name))
         try:
-            fail_stale_trials(study)  # an ask/tell-style loop must do this itself
-            counts = count_states(study)
-            budget = study_budget(study)
-            if finished(counts) >= budget:
-                result.budget_met = True
-                break
-            if finished(counts) + counts[TrialState.RUNNING] >= budget:
-                # Every remaining slot is taken; one may still fail and need a retry, so wait.
-                lock.close()
-                stop.wait(poll)
-                continue
-            objective = Objective(config, dataset, device=device, stop_event=stop,
-                                  on_started=lambda trial: lock.close())
-            # Every trial error becomes a FAIL with its reason; the worker goes on.
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        finally:
-            lock.close()
+            step = _next_trial(study, url, objective)
+            storage_errors = 0
+        except STORAGE_ERRORS as exc:
+            # The network blinked or the server restarted: pool_pre_ping replaces dead
+            # connections, so waiting and trying again is enough.
+            storage_errors += 1
+            if storage_errors > MAX_STORAGE_ERRORS:
+                raise
+            delay = min(2.0**storage_errors, 30.0)
+            log(f"storage error ({mask_text(str(exc).splitlines()[0], url)}); retrying in {delay:.0f}s")
+            stop.wait(delay)
+            continue
+        if step == "done":
+            result.budget_met = True
+            break
+        if step == "wait":
+            stop.wait(poll)
+            continue
         result.trials_run += 1
         last = _my_last_trial(study)
         if stop.is_set():
@@ -142,6 +149,27 @@ def run_worker(
     if stop.is_set():
         result.stopped_by_signal = True
     return result
+
+
+def _next_trial(study: optuna.Study, url: str,
+                objective: Callable[[Callable[[optuna.Trial], None]], Objective]) -> str:
+    """Under the study lock: "done" (budget met), "wait" (all slots taken) or run one trial ("ran")."""
+    lock = contextlib.ExitStack()
+    lock.enter_context(study_lock(url, study.study_name))
+    try:
+        fail_stale_trials(study)  # heartbeats only fail stale trials inside optimize; do it here too
+        counts = count_states(study)
+        budget = study_budget(study)
+        if finished(counts) >= budget:
+            return "done"
+        if finished(counts) + counts[TrialState.RUNNING] >= budget:
+            return "wait"  # a running trial may still fail and need a retry
+        # The lock is released as soon as the trial exists (it then counts as RUNNING).
+        # Every trial error becomes a FAIL with its reason; the worker goes on.
+        study.optimize(objective(lambda trial: lock.close()), n_trials=1, catch=(Exception,), gc_after_trial=False)
+        return "ran"
+    finally:
+        lock.close()
 
 
 def _my_last_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
