@@ -1,0 +1,59 @@
+"""One factory over a registry of losses, addressable by name (as timm's ``create_model``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import LossConfigError, TunableLoss
+
+_REGISTRY: dict[str, type[TunableLoss]] = {}
+# Search-space names that are an existing loss with some parameters fixed.
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"alpa_hill": ("alpa", {"variant": "hill"})}
+
+
+def register_loss(cls: type[TunableLoss]) -> type[TunableLoss]:
+    """Class decorator: make ``cls`` buildable as ``build_loss(cls.name, ...)``."""
+    if not cls.name or cls.name in _REGISTRY or cls.name in _ALIASES:
+        raise ValueError(f"loss name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_losses() -> list[str]:
+    """Every name :func:`build_loss` accepts, aliases such as ``alpa_hill`` included."""
+    return sorted([*_REGISTRY, *_ALIASES])
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The parameter names the loss ``name`` accepts (an alias's fixed ones excluded)."""
+    cls, fixed = _resolve(name)
+    return [p for p in cls.parameter_names() if p not in fixed]
+
+
+def _resolve(name: str) -> tuple[type[TunableLoss], dict[str, Any]]:
+    if name in _ALIASES:
+        base, fixed = _ALIASES[name]
+        return _REGISTRY[base], fixed
+    if name not in _REGISTRY:
+        raise LossConfigError(f"unknown loss {name!r}; valid names: {', '.join(available_losses())}")
+    return _REGISTRY[name], {}
+
+
+def build_loss(name: str, **params: Any) -> TunableLoss:
+    """Build the loss ``name`` with ``params``; unknown names or parameters raise LossConfigError.
+
+    ``build_loss(loss.name, **loss.params)`` rebuilds any loss, which is how exports load.
+    """
+    cls, fixed = _resolve(name)
+    valid = cls.parameter_names()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise LossConfigError(
+            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {', '.join(p for p in valid if p not in fixed)}")
+    for key, value in fixed.items():
+        if key in params and params[key] != value:
+            raise LossConfigError(f"loss {name!r} fixes {key}={value!r}; got {key}={params[key]!r}")
+    return cls(**{**params, **fixed})
+
+
