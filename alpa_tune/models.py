@@ -41,29 +41,61 @@ def create_model(backbone: str, num_classes: int, *, pretrained: bool = False,
         if not pretrained:
             raise
         raise ModelError(
-            f"model.pretrained: could not fetch weights for {backbone!r} ({type(exc).__name__}); "
-            "when offline, download them elsewhere and set model.checkpoint = \"/path/to/weights.pth\""
+            f"model.pretrained: no pretrained weights for {backbone!r} in the local cache and the hub cannot be "
+            f"reached ({type(exc).__name__}); on a machine with internet run "
+            f"`python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\"` and copy "
+            "~/.cache/huggingface here, or download the weights file (model.safetensors or .pth) and set "
+            "model.checkpoint = \"/path/to/weights\""
         ) from None
 
 
 def _load_backbone_weights(model: torch.nn.Module, path: Path) -> None:
+    state = _read_state_dict(path)
+    # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrap the names; unwrap them.
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    head = model.get_classifier()
+    head_names = {name for name, module in model.named_modules() if module is head}
+    is_head = lambda key: any(key.startswith(h + ".") for h in head_names)  # noqa: E731
+    own = model.state_dict()
+    # The old head never fits the new classes: drop it, keep the fresh one.
+    usable = {k: v for k, v in state.items()
+              if k in own and not is_head(k) and isinstance(v, torch.Tensor) and own[k].shape == v.shape}
+    # Every backbone tensor must come from the file; a partial load (a checkpoint of another
+    # variant, say convnext_tiny for convnext_base) would otherwise train from half-random weights.
+    wanted = [k for k in own if not is_head(k) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in wanted if k not in usable]
+    if missing:
+        example = missing[0]
+        found = getattr(state.get(example), "shape", None)
+        why = f"shape {tuple(found)} vs {tuple(own[example].shape)}" if found is not None else "not in the file"
+        raise ModelError(
+            f"model.checkpoint: {path} fits only {len(wanted) - len(missing)} of {len(wanted)} backbone tensors of "
+            f"{type(model).__name__} (e.g. {example}: {why}); was it saved from another backbone?"
+        )
+    model.load_state_dict(usable, strict=False)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, a plain state dict, or a timm/trainer checkpoint."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own and OS errors
+            raise ModelError(f"model.checkpoint: {path} is not a readable safetensors file ({exc.__class__.__name__})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py stores its argparse.Namespace next to the weights: allow just that.
+        import argparse
+
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files raise many types
         raise ModelError(f"model.checkpoint: {path} is not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"model.checkpoint: {path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    head = model.get_classifier()
-    head_names = {f"{name}" for name, module in model.named_modules() if module is head}
-    own = model.state_dict()
-    # Drop the old head (and anything else whose shape no longer fits the new class count).
-    usable = {k: v for k, v in state.items()
-              if k in own and own[k].shape == v.shape and not any(k.startswith(h + ".") for h in head_names)}
-    if not usable:
-        raise ModelError(f"model.checkpoint: no weights in {path} fit backbone {type(model).__name__}")
-    model.load_state_dict(usable, strict=False)
+    return state
