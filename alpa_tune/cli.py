@@ -216,13 +216,15 @@ def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_worke
             code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir,
                           view=lambda study, s: live.update(workers_table(study, s)))
     else:
-        last: list[str] = [""]
+        seen: dict[str, str] = {}
 
-        def print_changes(study, _slots) -> None:  # plain lines for logs and CI
-            line = study_line(study)
-            if line != last[0]:
-                console.print(line)
-                last[0] = line
+        def print_changes(study, current_slots) -> None:  # plain lines for logs and CI
+            lines = {"study": study_line(study)}
+            lines.update({f"worker {slot.rank}": f"worker {slot.rank}: {slot.state}" for slot in current_slots})
+            for key, line in lines.items():
+                if seen.get(key) != line:
+                    console.print(line, soft_wrap=True, markup=False, highlight=False)
+                    seen[key] = line
 
         code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=print_changes)
     if code != 0:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
 
 from alpa_tune.config import ConfigError, SearchConfig, SpaceConfig, StudyConfig, config_from_dict
 from alpa_tune.data import ImageDataset
@@ -137,13 +136,6 @@ def stored_config(study: optuna.Study) -> StudyConfig:
 
 def study_budget(study: optuna.Study) -> int:
     return int(study.user_attrs.get(BUDGET_ATTR, stored_config(study).search.n_trials))
-
-
-def count_states(study: optuna.Study) -> dict[TrialState, int]:
-    counts = {state: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state] += 1
-    return counts
 
 
 class Objective:

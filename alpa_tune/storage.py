@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from alpa_tune.config import WorkersConfig
 
@@ -66,6 +67,13 @@ def scheme_of(url: str) -> str:
     return scheme
 
 
+def driver_url(url: str) -> str:
+    """SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; we ship psycopg2, so name it."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
 def open_storage(url: str, workers: WorkersConfig | None = None) -> BaseStorage:
     """Open (creating the schema once if needed) the Optuna storage behind ``url``.
 
@@ -96,7 +104,7 @@ def open_storage(url: str, workers: WorkersConfig | None = None) -> BaseStorage:
         }
         # Optuna's table creation races when many processes meet an empty database.
         with _postgres_lock(url, "alpa-tune:schema"):
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            return RDBStorage(driver_url(url), engine_kwargs=engine_kwargs, **heartbeat)
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all become one masked line
@@ -174,7 +182,7 @@ def _postgres_lock(url: str, name: str) -> Iterator[None]:
 
     engine = _lock_engines.get(url)
     if engine is None:
-        engine = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=1, max_overflow=1,
+        engine = sqlalchemy.create_engine(driver_url(url), pool_pre_ping=True, pool_size=1, max_overflow=1,
                                           connect_args={"connect_timeout": 10})
         _lock_engines[url] = engine
     key = zlib.crc32(name.encode()) - 2**31  # a stable signed 32-bit key
@@ -191,5 +199,20 @@ def _postgres_lock(url: str, name: str) -> Iterator[None]:
             connection.close()
 
 
-def study_names(storage: BaseStorage) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+def count_trial_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int]:
+    """Trials per state. On an RDB one GROUP BY query, not a load of every trial (it runs per trial)."""
+    counts = {state: 0 for state in TrialState}
+    if isinstance(storage, RDBStorage):
+        import sqlalchemy
+
+        with storage.engine.connect() as connection:
+            rows = connection.execute(
+                sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state"),
+                {"study": study_id},
+            )
+            for state, count in rows:
+                counts[TrialState[state]] = count
+        return counts
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        counts[trial.state] += 1
+    return counts

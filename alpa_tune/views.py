@@ -7,11 +7,12 @@ from optuna.trial import TrialState
 from rich.table import Table
 from rich.text import Text
 
-from alpa_tune.search import count_states, study_budget
+from alpa_tune.search import study_budget
+from alpa_tune.storage import count_trial_states
 
 
 def study_line(study: optuna.Study) -> str:
-    counts = count_states(study)
+    counts = count_trial_states(study._storage, study._study_id)
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
     line = (f"{study.study_name}: {done}/{study_budget(study)} finished "
             f"({counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned), "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,13 +27,12 @@ from optuna.trial import TrialState
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
 from alpa_tune.search import (
     Objective,
-    count_states,
     make_pruner,
     make_sampler,
     stored_config,
     study_budget,
 )
-from alpa_tune.storage import ENV_VAR, mask_text, mask_url, open_storage, study_lock
+from alpa_tune.storage import ENV_VAR, count_trial_states, mask_text, mask_url, open_storage, study_lock
 
 MAX_CONSECUTIVE_FAILURES = 5
 MAX_STORAGE_ERRORS = 8
@@ -97,23 +95,51 @@ def run_worker(
     storage = open_storage(url, config.workers)
     study = load_study(study_name, url, storage=storage, sampler=make_sampler(config.search, rank),
                        pruner=make_pruner(config))
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=config.workers.max_retries)
     stop = threading.Event()
-    result = WorkerResult()
     if install_signal_handlers:
         _install_stop_handlers(stop, log)
-
-    failures = storage_errors = 0
-    poll = min(2.0, config.workers.heartbeat_interval)
 
     def objective(on_started: Callable[[optuna.Trial], None]) -> Objective:
         return Objective(config, dataset, device=device, stop_event=stop, on_started=on_started)
 
+    return trial_loop(study, url, objective, stop=stop, max_trials=max_trials,
+                      max_retries=config.workers.max_retries,
+                      poll=min(2.0, config.workers.heartbeat_interval), log=log)
+
+
+ObjectiveFactory = Callable[[Callable[[optuna.Trial], None]], Callable[[optuna.Trial], float]]
+
+
+def trial_loop(
+    study: optuna.Study,
+    url: str,
+    make_objective: ObjectiveFactory,
+    *,
+    stop: threading.Event,
+    max_trials: int | None = None,
+    max_retries: int = 2,
+    poll: float = 2.0,
+    log: Callable[[str], None] = print,
+) -> WorkerResult:
+    """Run trials until the budget is met, ``max_trials`` ran, or ``stop`` is set.
+
+    ``make_objective(on_started)`` returns the objective; it must call ``on_started(trial)``
+    first thing, which releases the study lock.
+    """
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+    result = WorkerResult()
+    failures = storage_errors = 0
     while not stop.is_set():
         if max_trials is not None and result.trials_run >= max_trials:
             break
+        started: list[int] = []
+
+        def on_started(trial: optuna.Trial, release: Callable[[], None]) -> None:
+            started.append(trial._trial_id)
+            release()
+
         try:
-            step = _next_trial(study, url, objective)
+            step = _next_trial(study, url, make_objective, on_started)
             storage_errors = 0
         except STORAGE_ERRORS as exc:
             # The network blinked or the server restarted: pool_pre_ping replaces dead
@@ -132,33 +158,31 @@ def run_worker(
             stop.wait(poll)
             continue
         result.trials_run += 1
-        last = _my_last_trial(study)
-        if stop.is_set():
-            if last is not None and last.state == TrialState.FAIL:
-                retry(study, last)  # interrupted, not broken: run it again elsewhere, same params
-            break
-        if last is not None and last.state == TrialState.FAIL:
-            failures += 1
-            log(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the worker log')}")
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                log(f"giving up after {failures} failed trials in a row")
-                result.gave_up = True
-                break
-        else:
+        last = study._storage.get_trial(started[0]) if started else None
+        if last is None or last.state != TrialState.FAIL:
             failures = 0
-    if stop.is_set():
-        result.stopped_by_signal = True
+            continue
+        if stop.is_set():
+            retry(study, last)  # interrupted, not broken: run it again elsewhere, same params
+            break
+        failures += 1
+        log(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the worker log')}")
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            log(f"giving up after {failures} failed trials in a row")
+            result.gave_up = True
+            break
+    result.stopped_by_signal = stop.is_set()
     return result
 
 
-def _next_trial(study: optuna.Study, url: str,
-                objective: Callable[[Callable[[optuna.Trial], None]], Objective]) -> str:
+def _next_trial(study: optuna.Study, url: str, make_objective: ObjectiveFactory,
+                on_started: Callable[[optuna.Trial, Callable[[], None]], None]) -> str:
     """Under the study lock: "done" (budget met), "wait" (all slots taken) or run one trial ("ran")."""
     lock = contextlib.ExitStack()
     lock.enter_context(study_lock(url, study.study_name))
     try:
         fail_stale_trials(study)  # heartbeats only fail stale trials inside optimize; do it here too
-        counts = count_states(study)
+        counts = count_trial_states(study._storage, study._study_id)
         budget = study_budget(study)
         if finished(counts) >= budget:
             return "done"
@@ -166,16 +190,11 @@ def _next_trial(study: optuna.Study, url: str,
             return "wait"  # a running trial may still fail and need a retry
         # The lock is released as soon as the trial exists (it then counts as RUNNING).
         # Every trial error becomes a FAIL with its reason; the worker goes on.
-        study.optimize(objective(lambda trial: lock.close()), n_trials=1, catch=(Exception,), gc_after_trial=False)
+        objective = make_objective(lambda trial: on_started(trial, lock.close))
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
         return "ran"
     finally:
         lock.close()
-
-
-def _my_last_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == me]
-    return mine[-1] if mine else None
 
 
 def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) -> None:
@@ -267,7 +286,7 @@ def launch(
                     continue
                 slot.exit_codes.append(code)
                 slot.process = None
-                budget_met = finished(count_states(study)) >= study_budget(study)
+                budget_met = finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study)
                 if code in (0, EXIT_BAD_INPUT, EXIT_GAVE_UP) or budget_met or interrupted["count"]:
                     slot.state = f"exited {code}"
                 elif slot.restarts < max_restarts:
@@ -285,7 +304,7 @@ def launch(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 0 if finished(count_states(study)) >= study_budget(study) else 1
+    return 0 if finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study) else 1
 
 
 def _start(slot: Slot, study_name: str, url: str, overrides: Sequence[str], log_dir: Path) -> None:

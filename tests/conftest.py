@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get("ALPA_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get("ALPA_TUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 # Small enough that a trial takes a second or two on one CPU core.
 TINY_CONFIG = """
@@ -107,7 +107,8 @@ def pg_url(pg_server: str) -> str:
     engine = _admin_engine()
     with engine.connect() as connection:
         connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+    # The plain URL users write (alpa-tune picks the psycopg2 driver itself).
+    yield "postgresql://" + pg_server.split("://", 1)[1].rsplit("/", 1)[0] + f"/{name}"
     with engine.connect() as connection:
         connection.execute(sqlalchemy.text(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"),
