@@ -122,7 +122,8 @@ def _positive(x: torch.Tensor, k: _Consts, st: _Static, need_grad: bool):
     ls = F.logsigmoid(-x)  # log(1 - p)
     if st.reference and st.clipped:
         s = torch.exp(ls)
-        q = torch.add(s, k.m).clamp_(max=1.0)
+        # The floor matters only for a clip below the dtype's range, where s + m can round to 0.
+        q = torch.add(s, k.m).clamp_(min=torch.finfo(s.dtype).tiny, max=1.0)
         e = torch.log(q).mul_(k.pg).add_(ls.mul_(k.pe))
     else:
         e = ls.mul_(k.pe)
