@@ -76,6 +76,20 @@ def test_damaged_or_partial_entries_are_rebuilt(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_dataset(cfg(tmp_path / "d", tmp_path / "c")).images, good)
 
 
+def test_temp_files_of_killed_builders_are_removed(tmp_path: Path) -> None:
+    write_tree(tmp_path / "d")
+    load_dataset(cfg(tmp_path / "d", tmp_path / "c"))
+    npy = next((tmp_path / "c").glob("*.npy"))
+    key = npy.stem
+    npy.unlink()
+    stale = tmp_path / "c" / f".{key}.k1ll3d.npy.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / "c" / ".another-key.x.npy.tmp"  # another dataset's: not ours to judge
+    other.write_bytes(b"\0")
+    load_dataset(cfg(tmp_path / "d", tmp_path / "c"))
+    assert not stale.exists() and other.exists()
+
+
 def test_too_little_disk_space_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_tree(tmp_path / "d")
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10, 10, 0))
@@ -93,7 +107,7 @@ def test_default_cache_dir_is_the_user_cache_folder() -> None:
 def _build_in_child(root: str, cache_dir: str, barrier: mp.Barrier, queue: mp.Queue, lock: bool) -> None:
     if not lock:
         # Every process decodes and renames: only the atomic rename keeps the cache valid.
-        cache._build_lock = lambda _path: contextlib.nullcontext()
+        cache._build_lock = lambda _path: contextlib.nullcontext(False)
     built = []
     barrier.wait()  # start together
     data = load_dataset(cfg(Path(root), Path(cache_dir)), lambda d, t: built.append(d))

@@ -99,11 +99,17 @@ def load_or_build(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"data.cache_dir: cannot create {folder} ({exc.strerror or exc})") from None
-    with _build_lock(folder / f"{key}.lock"):
+    with _build_lock(folder / f"{key}.lock") as locked:
         # Another worker may have finished the build while we waited for the lock.
         hit = _open_entry(folder, key)
         if hit is not None:
             return hit
+        if locked:
+            # Holding the lock, no live builder owns a temp file of this key: these are left
+            # by killed builders and may be as large as the whole cache.
+            for stale in folder.glob(f".{key}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         _build_entry(folder, key, plan(), progress)
     hit = _open_entry(folder, key)
     if hit is None:  # pragma: no cover - only if the file vanished between rename and open
@@ -135,28 +141,30 @@ def _open_entry(folder: Path, key: str) -> tuple[np.ndarray, dict[str, Any]] | N
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
+def _build_lock(path: Path) -> Iterator[bool]:
     """Exclusive advisory lock so N workers wait for one builder instead of all decoding.
 
-    Correctness never depends on it (temp file + atomic rename does that); it only saves work.
-    Where flock is unavailable (Windows, some network filesystems) every builder decodes.
+    Yields whether the lock is held. Correctness never depends on it (temp file + atomic
+    rename does that); it only saves work. Where flock is unavailable (Windows, some network
+    file systems) every builder decodes.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield False
         return
     try:
         handle = open(path, "a+b")  # noqa: SIM115 - held for the lock's lifetime
     except OSError:
-        yield
+        yield False
         return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = True
         except OSError:  # pragma: no cover - filesystem without locks
-            pass
-        yield  # closing the handle releases the lock
+            locked = False
+        yield locked  # closing the handle releases the lock
 
 
 def _build_entry(folder: Path, key: str, plan: CachePlan, progress: ProgressFn | None) -> None:
@@ -168,7 +176,10 @@ def _build_entry(folder: Path, key: str, plan: CachePlan, progress: ProgressFn |
             f"data.cache_dir: {folder} has {free / 2**30:.1f} GiB free but the decoded images need "
             f"{nbytes / 2**30:.1f} GiB; point data.cache_dir at a larger disk"
         )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy.tmp", dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy.tmp", dir=folder)
+    except OSError as exc:
+        raise DataError(f"data.cache_dir: cannot write to {folder} ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     meta_tmp = tmp.with_suffix(".json.tmp")
