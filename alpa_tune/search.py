@@ -135,7 +135,8 @@ def stored_config(study: optuna.Study) -> StudyConfig:
 
 
 def study_budget(study: optuna.Study) -> int:
-    return int(study.user_attrs.get(BUDGET_ATTR, stored_config(study).search.n_trials))
+    attrs = study.user_attrs
+    return int(attrs[BUDGET_ATTR]) if BUDGET_ATTR in attrs else stored_config(study).search.n_trials
 
 
 class Objective:

@@ -127,19 +127,14 @@ def trial_loop(
     first thing, which releases the study lock.
     """
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+    gate = _BudgetGate(study, url)
     result = WorkerResult()
     failures = storage_errors = 0
     while not stop.is_set():
         if max_trials is not None and result.trials_run >= max_trials:
             break
-        started: list[int] = []
-
-        def on_started(trial: optuna.Trial, release: Callable[[], None]) -> None:
-            started.append(trial._trial_id)
-            release()
-
         try:
-            step = _next_trial(study, url, make_objective, on_started)
+            step, failed_trial_id = gate.next_trial(make_objective)
             storage_errors = 0
         except STORAGE_ERRORS as exc:
             # The network blinked or the server restarted: pool_pre_ping replaces dead
@@ -158,10 +153,10 @@ def trial_loop(
             stop.wait(poll)
             continue
         result.trials_run += 1
-        last = study._storage.get_trial(started[0]) if started else None
-        if last is None or last.state != TrialState.FAIL:
+        if failed_trial_id is None:
             failures = 0
             continue
+        last = study._storage.get_trial(failed_trial_id)
         if stop.is_set():
             retry(study, last)  # interrupted, not broken: run it again elsewhere, same params
             break
@@ -175,26 +170,69 @@ def trial_loop(
     return result
 
 
-def _next_trial(study: optuna.Study, url: str, make_objective: ObjectiveFactory,
-                on_started: Callable[[optuna.Trial, Callable[[], None]], None]) -> str:
-    """Under the study lock: "done" (budget met), "wait" (all slots taken) or run one trial ("ran")."""
-    lock = contextlib.ExitStack()
-    lock.enter_context(study_lock(url, study.study_name))
-    try:
-        fail_stale_trials(study)  # heartbeats only fail stale trials inside optimize; do it here too
-        counts = count_trial_states(study._storage, study._study_id)
-        budget = study_budget(study)
-        if finished(counts) >= budget:
-            return "done"
-        if finished(counts) + counts[TrialState.RUNNING] >= budget:
-            return "wait"  # a running trial may still fail and need a retry
-        # The lock is released as soon as the trial exists (it then counts as RUNNING).
-        # Every trial error becomes a FAIL with its reason; the worker goes on.
-        objective = make_objective(lambda trial: on_started(trial, lock.close))
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        return "ran"
-    finally:
-        lock.close()
+class _BudgetGate:
+    """Decides, under the study lock, whether this worker may start a trial.
+
+    The budget (a study attribute) is re-read only when it could change the decision or
+    every BUDGET_REFRESH_SECONDS; each trial otherwise costs the lock and one count query.
+    """
+
+    BUDGET_REFRESH_SECONDS = 30.0
+
+    def __init__(self, study: optuna.Study, url: str) -> None:
+        self.study = study
+        self.url = url
+        self._budget: int | None = None
+        self._budget_read_at = 0.0
+
+    def _read_budget(self, force: bool) -> int:
+        if force or self._budget is None or time.monotonic() - self._budget_read_at > self.BUDGET_REFRESH_SECONDS:
+            self._budget = study_budget(self.study)
+            self._budget_read_at = time.monotonic()
+        return self._budget
+
+    def _counts(self) -> dict[TrialState, int]:
+        return count_trial_states(self.study._storage, self.study._study_id)
+
+    def next_trial(self, make_objective: ObjectiveFactory) -> tuple[str, int | None]:
+        """("done" | "wait" | "ran", id of our trial if it FAILed)."""
+        lock = contextlib.ExitStack()
+        lock.enter_context(study_lock(self.url, self.study.study_name))
+        try:
+            counts = self._counts()
+            if finished(counts) + counts[TrialState.RUNNING] >= self._read_budget(force=False):
+                # Before stopping or waiting: fail the trials of dead workers (heartbeats only
+                # do so inside optimize) so their retries get a slot, and confirm the budget.
+                fail_stale_trials(self.study)
+                counts = self._counts()
+                budget = self._read_budget(force=True)
+                if finished(counts) >= budget:
+                    return "done", None
+                if finished(counts) + counts[TrialState.RUNNING] >= budget:
+                    return "wait", None  # a running trial may still fail and need a retry
+            outcome: dict[str, int | bool] = {}
+
+            def on_started(trial: optuna.Trial) -> None:
+                outcome["trial_id"] = trial._trial_id
+                lock.close()  # the trial now counts as RUNNING: the next worker may decide
+
+            objective = make_objective(on_started)
+
+            def tracked(trial: optuna.Trial) -> float:
+                try:
+                    return objective(trial)
+                except optuna.TrialPruned:
+                    raise
+                except Exception:
+                    outcome["failed"] = True
+                    raise
+
+            # Every trial error becomes a FAIL with its reason; the worker goes on.
+            self.study.optimize(tracked, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            failed = outcome.get("failed") and outcome.get("trial_id") is not None
+            return "ran", int(outcome["trial_id"]) if failed else None
+        finally:
+            lock.close()
 
 
 def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) -> None:
