@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import zlib
 import signal
 import subprocess
 import sys
@@ -61,6 +63,18 @@ def load_study(name: str, url: str, **kwargs) -> optuna.Study:
         raise StudyNotFound(f"study {name!r} does not exist in storage {mask_url(url)}") from None
 
 
+def default_rank() -> int:
+    """A rank for a worker started without --rank: the scheduler's index, else unique per host:pid.
+
+    Replicas started alike (compose --scale, a Kubernetes Job) must not share a sampler seed.
+    """
+    for variable in ("ALPA_TUNE_RANK", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
+
+
 def finished(counts: dict[TrialState, int]) -> int:
     return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
 
@@ -95,6 +109,8 @@ def run_worker(
     storage = open_storage(url, config.workers)
     study = load_study(study_name, url, storage=storage, sampler=make_sampler(config.search, rank),
                        pruner=make_pruner(config))
+    log(f"worker {socket.gethostname()}:{os.getpid()} rank {rank}: study {study_name!r} in {mask_url(url)}, "
+        f"device {device}, {len(dataset.labels)} images, {torch.get_num_threads()} thread(s)")
     stop = threading.Event()
     if install_signal_handlers:
         _install_stop_handlers(stop, log)
