@@ -94,13 +94,14 @@ def worker(
     study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
     storage: StorageOpt = None,
     trials: Annotated[int | None, typer.Option(help="Leave after this many trials of our own (default: until the study's budget).", min=1)] = None,
-    rank: Annotated[int, typer.Option(help="Worker rank: the sampler seed is the study seed + rank.", min=0)] = 0,
+    rank: Annotated[int | None, typer.Option(help="Worker rank: the sampler seed is the study seed + rank. Default: "
+                                             "$ALPA_TUNE_RANK, $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX, else from host and pid.", min=0)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:K (default: the config's training.device).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads for this worker.", min=1)] = None,
     set_: SetOpt = None,
 ) -> None:
     """One long-lived worker: pull trials of STUDY_NAME until its budget is met. SIGTERM stops it cleanly."""
-    from alpa_tune.workers import EXIT_GAVE_UP, run_worker
+    from alpa_tune.workers import EXIT_GAVE_UP, default_rank, run_worker
 
     overrides = list(set_ or [])
     if device:
@@ -108,7 +109,7 @@ def worker(
     if threads:
         overrides.append(f"training.threads={threads}")
     url = _url(storage)
-    result = run_worker(study_name, url, max_trials=trials, rank=rank, overrides=overrides,
+    result = run_worker(study_name, url, max_trials=trials, rank=default_rank() if rank is None else rank, overrides=overrides,
                         log=lambda message: err_console.print(message))
     console.print(f"worker done: {result.trials_run} trial(s) run"
                   + ("; stopped by signal" if result.stopped_by_signal else "")
