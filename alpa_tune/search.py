@@ -162,6 +162,7 @@ class Objective:
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("loss", {"name": name, "params": kwargs})
         by_epoch = config.search.report == "epoch"
+        wilcoxon = config.search.pruner == "wilcoxon"
 
         def on_epoch(stats: EpochStats) -> None:
             if by_epoch and stats.balanced_accuracy is not None:
@@ -176,7 +177,9 @@ class Objective:
         def on_fold(result: FoldResult, done: list[FoldResult]) -> None:
             record_folds(trial, done, self.dataset)
             if not by_epoch:
-                trial.report(float(np.mean([f.balanced_accuracy for f in done])), step=result.fold)
+                # Wilcoxon compares paired per-fold scores; the others judge the running mean.
+                score = result.balanced_accuracy if wilcoxon else float(np.mean([f.balanced_accuracy for f in done]))
+                trial.report(score, step=result.fold)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {result.fold}")
 
