@@ -175,3 +175,19 @@ def test_launcher_restarts_a_killed_worker_and_meets_the_budget(tmp_path: Path, 
     assert "4/4 finished" in output
     assert "restarted (1) after exit -9" in output
     assert "s3cret" not in output
+
+
+def test_wrong_password_is_refused_without_showing_it(tmp_path: Path, pg_password_server: str) -> None:
+    config = write_config(tmp_path)
+    right = cli("study", "create", str(config), "--storage", pg_password_server)
+    assert right.returncode == 0, right.stderr
+    assert "right-pw" not in right.stdout + right.stderr and "alice:***@" in right.stdout
+    wrong_url = pg_password_server.replace("right-pw", "wr0ng-pw")
+    wrong = cli("study", "list", "--storage", wrong_url)
+    assert wrong.returncode == 2
+    assert 'password authentication failed for user "alice"' in wrong.stderr
+    assert "wr0ng-pw" not in wrong.stderr + wrong.stdout
+    assert wrong.stderr.strip().count("\n") == 0
+    # From the environment too, and through a worker.
+    env_wrong = cli("worker", "tiny", env={"ALPA_TUNE_STORAGE": wrong_url})
+    assert env_wrong.returncode == 2 and "wr0ng-pw" not in env_wrong.stderr + env_wrong.stdout
