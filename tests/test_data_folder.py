@@ -42,6 +42,13 @@ def test_classes_are_sorted_subfolders_and_stray_files_are_ignored(tmp_path: Pat
     assert tuple(data.images[-1, 6, 6]) == (0, 20, 200)  # NGS_00002: written first (c=0), image 2
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    write_tree(tmp_path / "bm", {"A": 1, "B": 1})
+    Image.fromarray(np.full((24, 24), 32896, dtype=np.uint16)).save(tmp_path / "bm" / "A" / "wide.png")
+    data = load_dataset(cfg(tmp_path / "bm", tmp_path))
+    assert tuple(data.images[1, 6, 6]) == (128, 128, 128)  # 32896 / 257, not clipped to 255
+
+
 def test_symlinked_class_folders_select_a_subset(tmp_path: Path) -> None:
     full = tmp_path / "full"
     write_tree(full, {"A": 2, "B": 2, "C": 2})

@@ -22,11 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from alpa_tune.data._types import DataError, ProgressFn
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Bump when decoding changes (resampling, colour handling): old entries then stop matching.
 CACHE_VERSION = 1
@@ -210,7 +213,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             # JPEG only: let the decoder downscale by 1/2..1/8 while it decodes (much faster, same result).
             img.draft("RGB", (size, size))
-            rgb = img.convert("RGB")
+            rgb = _wide_to_rgb(img) if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") else img.convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             return np.asarray(rgb, dtype=np.uint8)
@@ -220,6 +223,17 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = reason.replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(exc).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit grayscale (microscopy, X-ray PNGs): PIL's convert would clip at 255, so scale."""
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float32)
+    # 16-bit: full range; 32-bit int or float: the image's own maximum.
+    peak = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1e-12)
+    gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB")
 
 
 def decode_files(paths: Sequence[Path], size: int, workers: int | None = None) -> Callable[[np.ndarray, ProgressFn | None], None]:
