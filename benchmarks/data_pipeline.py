@@ -237,7 +237,8 @@ def main() -> None:
                   f"shared {m.get('Shared_Clean', 0) / 1024:.0f} MiB, private {(m.get('Private_Clean', 0) + m.get('Private_Dirty', 0)) / 1024:.0f} MiB, "
                   f"PSS {m.get('Pss', 0) / 1024:.0f} MiB; private heap grew {r['anon_growth'] / 1024:.0f} MiB "
                   f"(memmap: {r['is_memmap']})")
-        print(f"          the {nbytes / 2**20:.0f} MiB cache is held once in the page cache and mapped by both workers")
+        print(f"          the {nbytes / 2**20:.0f} MiB cache is held once in the page cache, mapped by both workers "
+              f"and this process (PSS = its RSS shared 3 ways); peak RSS is mostly torch's own libraries")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
