@@ -62,7 +62,16 @@ def test_four_workers_meet_a_budget_of_twelve_exactly(tmp_path: Path, pg_url: st
     assert len({t.user_attrs["worker"] for t in study.trials}) >= 2
 
 
-def test_sigkilled_worker_trial_is_failed_and_rerun_with_same_params(tmp_path: Path, pg_url: str) -> None:
+@pytest.fixture(params=["postgresql", "sqlite"])
+def recovering_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both storages whose heartbeats recover a dead worker's trial."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'embedded.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_sigkilled_worker_trial_is_failed_and_rerun_with_same_params(tmp_path: Path, recovering_url: str) -> None:
+    pg_url = recovering_url
     # Long enough trials (6 epochs x 2 folds) to be killed in the middle of one.
     config = write_config(tmp_path, n_trials=3, epochs=6, sampler="random")
     assert cli("study", "create", str(config), "--storage", pg_url).returncode == 0
@@ -191,3 +200,14 @@ def test_wrong_password_is_refused_without_showing_it(tmp_path: Path, pg_passwor
     # From the environment too, and through a worker.
     env_wrong = cli("worker", "tiny", env={"ALPA_TUNE_STORAGE": wrong_url})
     assert env_wrong.returncode == 2 and "wr0ng-pw" not in env_wrong.stderr + env_wrong.stdout
+
+
+def test_journal_file_storage_runs_two_workers(tmp_path: Path) -> None:
+    config = write_config(tmp_path, n_trials=3, sampler="random")
+    url = f"journal:{tmp_path / 'study.journal'}"
+    done = cli("run", str(config), "--storage", url, "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from alpa_tune.storage import open_storage
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
