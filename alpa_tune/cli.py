@@ -66,6 +66,7 @@ def run(
     config = load_config(config_path, overrides)
     url = _url(storage)
     _check_writable(out)
+    _prepare_data(config)
     study = create_study(config, url, budget=trials)
     console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
     local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
@@ -121,19 +122,108 @@ def worker(
 def export(
     study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
     storage: StorageOpt = None,
-    top: Annotated[int, typer.Option(help="Export the best K trials.", min=1)] = 1,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file.")] = Path("best.json"),
-    format_: Annotated[str, typer.Option("--format", help="json")] = "json",
+    top: Annotated[int, typer.Option(help="Export the best K trials (best first).", min=1)] = 1,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Output file, or - for stdout. Default: "
+                                               "best.json / best.toml; the python snippet goes to stdout.")] = None,
+    format_: Annotated[str | None, typer.Option("--format", help="json, toml or python (default: from the "
+                                                "-o suffix, else json).")] = None,
 ) -> None:
     """Write the best trial's loss settings, metrics and provenance (load with alpa_tune.load_loss)."""
-    from alpa_tune.export import ranked_trials, trial_record, write_records
+    from alpa_tune.export import ExportError, FORMATS, SUFFIXES, format_for, render_records, study_records, write_records
     from alpa_tune.workers import load_study
 
+    fmt = format_ or (format_for(output) if output and output != "-" else None) or "json"
+    if fmt not in FORMATS:
+        raise ExportError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     url = _url(storage)
-    study = load_study(study_name, url)
-    records = [trial_record(study, t) for t in ranked_trials(study, top)]
-    write_records(records, output, format_)
-    console.print(f"wrote {output} (best value {records[0]['value']:.4f}, trial {records[0]['trial']})")
+    records = study_records(load_study(study_name, url), top)
+    if output == "-" or (output is None and fmt == "python"):
+        typer.echo(render_records(records, fmt), nl=False)
+        return
+    path = Path(output or f"best{SUFFIXES[fmt]}")
+    write_records(records, path, fmt)
+    console.print(f"wrote {path} ({len(records)} trial(s); best value {records[0]['value']:.4f}, "
+                  f"trial {records[0]['trial']})", markup=False, highlight=False)
+
+
+@app.command()
+def compare(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The study config the search ran with.")],
+    best: Annotated[Path, typer.Option("--best", help="The tuned loss: best.json (or a TOML/Python export).")],
+    losses: Annotated[str, typer.Option(help="Comma-separated: alpa (tuned, from --best) and baselines "
+                                        "ce, bce, focal, asl, cb, ldam, alpa_paper.")] = "ce,focal,asl,alpa",
+    seeds: Annotated[int, typer.Option(help="Trainings per loss (seeds training.seed, +1, ...).", min=1)] = 3,
+    storage: StorageOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Parallel training processes (default: one per core, "
+                                                "or per GPU).", min=1)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Prefix for PREFIX.csv, PREFIX.md and "
+                                         "PREFIX.json.")] = Path("alpa-tune-out/compare"),
+    set_: SetOpt = None,
+) -> None:
+    """Train tuned ALPA and the baselines on the same 80 % and seeds; compare them on the held-out 20 %."""
+    from rich.progress import Progress
+
+    from alpa_tune.compare import (
+        check_output,
+        find_study,
+        load_best,
+        parse_losses,
+        rich_table,
+        run_comparison,
+        store_comparison,
+        write_outputs,
+    )
+    from alpa_tune.config import load_config
+
+    config = load_config(config_path, set_ or [])
+    labels = parse_losses(losses)
+    record = load_best(best)
+    check_output(output)
+    url = _url(storage)
+    study_name = record.get("study") or config.name
+    study = find_study(url, study_name)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task(f"training {len(labels)} loss(es) x {seeds} seed(s)", total=len(labels) * seeds)
+        comparison = run_comparison(config, record, labels, seeds, workers=workers, best_path=best,
+                                    on_run=lambda run, done, total: progress.update(task, completed=done))
+    console.print(rich_table(comparison))
+    paths = write_outputs(comparison, output)
+    console.print("wrote " + ", ".join(map(str, paths)), markup=False, highlight=False)
+    if study is not None:
+        store_comparison(study, comparison)
+        console.print(f"stored in study {study_name} ({_masked(url)}); alpa-tune report shows it",
+                      markup=False, highlight=False)
+    else:
+        console.print(f"study {study_name} not found in {_masked(url)}: comparison not stored there",
+                      markup=False, highlight=False)
+
+
+@app.command()
+def report(
+    study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
+    storage: StorageOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write one self-contained, offline HTML report: history, importances, slices, per-class metrics, comparison."""
+    from alpa_tune.report import write_report
+    from alpa_tune.workers import load_study
+
+    path = write_report(load_study(study_name, _url(storage)), output)
+    console.print(f"wrote {path} (open it in any browser; it needs no network)", markup=False, highlight=False)
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind. The dashboard has no login: keep it on loopback "
+                                      "and use an SSH tunnel from elsewhere.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study storage (every trial's per-fold and per-class metrics)."""
+    from alpa_tune.dashboard import serve
+
+    serve(_url(storage), host, port, log=lambda line: err_console.print(line, markup=False, highlight=False,
+                                                                         soft_wrap=True))
 
 
 @study_app.command("create")
@@ -249,6 +339,23 @@ def _finish(study_name: str, url: str, best_path: Path) -> None:
     console.print(f"best trial {best.number}: balanced accuracy {best.value:.4f}\n  {params}\nwrote {best_path}")
 
 
+def _prepare_data(config) -> None:
+    """Load (decode and cache) the data once here, with a progress bar, before any worker starts:
+    bad data is then one clear line, and the workers find the cache built."""
+    from rich.progress import Progress
+
+    from alpa_tune.data import load_dataset
+    from alpa_tune.training import make_folds, split_holdout
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"preparing {config.data.source} data", total=None)
+        dataset = load_dataset(config.data, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    dev_index, _ = split_holdout(dataset, config.training.holdout, config.training.seed)
+    make_folds(dataset, dev_index, config.training.folds, config.training.seed)  # refuses a class too small
+    counts = ", ".join(str(n) for n in dataset.class_counts())
+    console.print(f"data: {len(dataset.labels)} images, {dataset.num_classes} classes ({counts})")
+
+
 def _parse_gpus(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -275,14 +382,18 @@ def _masked(url: str) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from alpa_tune.compare import CompareError
     from alpa_tune.config import ConfigError
+    from alpa_tune.dashboard import DashboardError
     from alpa_tune.data import DataError
     from alpa_tune.export import ExportError
     from alpa_tune.models import ModelError
+    from alpa_tune.report import ReportError
     from alpa_tune.storage import StorageError
     from alpa_tune.workers import StudyNotFound
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, ExportError, ModelError, StorageError, StudyNotFound]
+    errors: list[type[BaseException]] = [CompareError, ConfigError, DashboardError, DataError, ExportError,
+                                         ModelError, ReportError, StorageError, StudyNotFound]
     try:
         from alpa_tune.losses import LossConfigError
 

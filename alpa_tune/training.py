@@ -96,12 +96,13 @@ def make_folds(dataset: ImageDataset, dev_index: np.ndarray, folds: int, seed: i
     """Stratified k-fold over the development indices; refuses a class too small for the folds."""
     labels = dataset.labels[dev_index]
     counts = np.bincount(labels, minlength=dataset.num_classes)
-    for c, n in enumerate(counts):
-        if n < folds:
-            raise DataError(
-                f"class {dataset.class_names[c]!r} has {n} sample(s) after the hold-out, "
-                f"fewer than training.folds = {folds}"
-            )
+    c = int(np.argmin(counts))  # name the smallest class: fixing it fixes the rest
+    n = int(counts[c])
+    if n < folds:
+        raise DataError(
+            f"class {dataset.class_names[c]!r} has {n} sample(s) after the hold-out, "
+            f"fewer than training.folds = {folds}"
+        )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(dev_index[tr], dev_index[va]) for tr, va in splitter.split(dev_index, labels)]
 
@@ -154,7 +155,9 @@ def train_and_evaluate(
     """Train a fresh model on ``train_index``, then score it on ``eval_index``."""
     t = config.training
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # shuffling, on the CPU
+    # Augmentation draws on the batch's device; its own seeded generator makes a fold re-runnable.
+    augment_generator = torch.Generator(device=device).manual_seed(seed)
     model = create_model(config.model.backbone, dataset.num_classes, pretrained=config.model.pretrained,
                          checkpoint=config.model.checkpoint, drop_rate=config.model.drop_rate).to(device)
     channels_last = t.channels_last and device.type == "cuda"
@@ -177,7 +180,7 @@ def train_and_evaluate(
         for start in range(0, len(order), t.batch_size):
             batch_index = np.sort(order[start : start + t.batch_size])  # sorted reads are kinder to a memmap
             images, targets = _batch(dataset, batch_index, device)
-            images = augment.train_transform(images) if t.augment else augment.eval_transform(images)
+            images = augment.train_transform(images, augment_generator) if t.augment else augment.eval_transform(images)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = train_model(images)
             loss = loss_fn(logits.float(), targets)

@@ -104,6 +104,10 @@ def run_worker(
     config = stored_config(load_study(study_name, url)).replace(list(overrides))
     torch.set_num_threads(config.training.threads or os.cpu_count() or 1)
     device = resolve_device(config.training.device)
+    if device.type == "cpu":
+        from alpa_tune.augment import reuse_cpu_memory
+
+        reuse_cpu_memory()  # batch-sized tensors are freed and re-made every step
     dataset = load_dataset(config.data)  # once per process, shared by every trial
 
     storage = open_storage(url, config.workers)
