@@ -347,6 +347,8 @@ def launch(
                 budget_met = finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study)
                 if code in (0, EXIT_BAD_INPUT, EXIT_GAVE_UP) or budget_met or interrupted["count"]:
                     slot.state = f"exited {code}"
+                    if code in (EXIT_BAD_INPUT, EXIT_GAVE_UP):  # say why without opening the log
+                        slot.state += f": {_last_line(log_dir / f'worker-{slot.rank}.log')}"
                 elif slot.restarts < max_restarts:
                     slot.restarts += 1
                     _start(slot, study_name, url, overrides, log_dir)
@@ -363,6 +365,14 @@ def launch(
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0 if finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study) else 1
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:200] if lines else ""
 
 
 def _start(slot: Slot, study_name: str, url: str, overrides: Sequence[str], log_dir: Path) -> None:
