@@ -11,7 +11,8 @@ Every loss is a :class:`torch.nn.Module` whose ``params`` rebuild it with
 
 from __future__ import annotations
 
-from ._alpa import ALPALoss, alpa_unfused, compile_enabled
+from ._alpa import ALPALoss, alpa_unfused
+from ._alpa_kernels import compile_enabled
 from ._base import LossConfigError, TunableLoss
 from ._baselines import ASLLoss, BCELoss, CELoss, ClassBalancedLoss, FocalLoss, LDAMLoss, effective_number_weights
 from ._registry import available_losses, build_loss, loss_parameters, register_loss

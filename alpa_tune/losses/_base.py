@@ -57,13 +57,20 @@ class TunableLoss(nn.Module):
             raise LossConfigError(
                 f"loss {self.name!r} has no parameter {', '.join(map(repr, unknown))}; "
                 f"valid parameters: {', '.join(self.parameter_names())}")
-        self._params = self._validate({**self._params, **changes})
+        valid = self._validate({**self._params, **changes})
+        self._params.clear()
+        self._params.update(valid)
         self._params_changed()
         return self
 
     def _configure(self, params: Mapping[str, Any]) -> None:
-        self._params = self._validate(dict(params))
+        self._params.update(self._validate(dict(params)))
         self._params_changed()
+
+    def _set(self, **values: Any) -> None:
+        """Plain attributes without nn.Module.__setattr__'s bookkeeping (they are no tensors):
+        set_params runs once per trial, or, in the benchmark, before every call."""
+        self.__dict__.update(values)
 
     def _validate(self, params: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
