@@ -70,7 +70,7 @@ def run(
     study = create_study(config, url, budget=trials)
     console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
     local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
-    code = _launch(config.name, url, gpus, workers, workers if gpus else None, local, out)
+    code = _launch(config.name, url, gpus, workers if gpus else 1, workers, local, out)
     _finish(config.name, url, out / "best.json")
     raise typer.Exit(code)
 
@@ -112,10 +112,11 @@ def worker(
     url = _url(storage)
     result = run_worker(study_name, url, max_trials=trials, rank=default_rank() if rank is None else rank, overrides=overrides,
                         log=lambda message: err_console.print(message))
+    if result.gave_up:  # run_worker's "giving up ..." line stays the last word in the log
+        raise typer.Exit(EXIT_GAVE_UP)
     console.print(f"worker done: {result.trials_run} trial(s) run"
                   + ("; stopped by signal" if result.stopped_by_signal else "")
                   + ("; study budget met" if result.budget_met else ""))
-    raise typer.Exit(EXIT_GAVE_UP if result.gave_up else 0)
 
 
 @app.command()

@@ -183,7 +183,8 @@ def trial_loop(
         failures += 1
         log(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the worker log')}")
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            log(f"giving up after {failures} failed trials in a row")
+            log(f"giving up after {failures} failed trials in a row; the last: "
+                f"{last.user_attrs.get('fail_reason', 'see above')}")
             result.gave_up = True
             break
     result.stopped_by_signal = stop.is_set()

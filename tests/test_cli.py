@@ -133,3 +133,14 @@ def test_help_on_every_verb(tmp_path: Path) -> None:
                  ["study", "show"], ["study", "delete"]):
         done = cli(*verb, "--help", cwd=tmp_path)
         assert done.returncode == 0 and "Usage" in done.stdout
+
+
+def test_run_exits_1_when_the_budget_cannot_be_reached(tmp_path: Path) -> None:
+    config = write_config(tmp_path, n_trials=2, epochs=3)
+    done = cli("run", str(config), "--workers", "1", "--set", "training.lr=1e30", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "giving up after 5 failed trials in a row" in done.stdout  # the worker's reason, via the launcher
+    assert "did not reach its budget" in done.stderr
+    assert not (tmp_path / "alpa-tune-out" / "best.json").exists()
+    failed = _study(tmp_path, "tiny").get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 5 and all("loss became" in t.user_attrs["fail_reason"] for t in failed)
