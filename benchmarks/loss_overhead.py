@@ -136,19 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="128x5,256x52,4096x17")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ALPA through torch.compile on CPU (ALPA_TUNE_COMPILE=1)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
-    targets: list[tuple[torch.device, torch.dtype]] = [(torch.device("cpu"), torch.float32)]
+    targets: list[tuple[torch.device, torch.dtype, bool]] = [
+        (torch.device("cpu"), torch.float32, False)]
+    if args.compile:
+        targets.append((torch.device("cpu"), torch.float32, True))
     if torch.cuda.is_available() and not args.no_cuda:
-        targets.append((torch.device("cuda"), torch.bfloat16))
+        targets.append((torch.device("cuda"), torch.bfloat16, False))
 
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}")
-    for device, _ in targets:
-        print(f"  {device.type}: torch.compile for the ALPA kernel "
-              f"{'on' if compile_enabled(device) else 'off (eager fused)'}")
+    for device, _, forced in targets:
+        on = forced or compile_enabled(device)
+        print(f"  {device.type}{' (compiled)' if forced else ''}: torch.compile for the ALPA "
+              f"kernel {'on' if on else 'off (eager fused)'}")
     print(f"  {args.rounds} interleaved rounds x {args.reps} forward+backward calls each; "
           "hyperparameters redrawn from the search space before every ALPA call")
     print()
@@ -156,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
           "/ BCE | ALPA 1-hot / BCE | unfused (us) | unfused / ALPA | first call after a switch "
           "(us) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for device, dtype in targets:
+    for device, dtype, forced in targets:
+        if forced:
+            os.environ["ALPA_TUNE_COMPILE"] = "1"
+            t0 = time.perf_counter()
+            bench_shape(8, 3, device, dtype, 1, 1, args.seed)  # compile outside the timing
+            print(f"  (CPU compilation took {time.perf_counter() - t0:.1f} s)", flush=True)
         for n, c in shapes:
             r = bench_shape(n, c, device, dtype, args.rounds, args.reps, args.seed)
-            print(f"| {device.type} | {str(dtype).removeprefix('torch.')} | ({n}, {c}) "
+            label = f"{device.type}{' compiled' if forced else ''}"
+            print(f"| {label} | {str(dtype).removeprefix('torch.')} | ({n}, {c}) "
                   f"| {r['bce']:.0f} | {r['alpa']:.0f} | **{r['alpa / bce']:.2f}x** "
                   f"| {r['switching / bce']:.2f}x | {r['1-hot / bce']:.2f}x "
                   f"| {r['unfused']:.0f} | **{r['unfused / alpa']:.1f}x** "

@@ -97,7 +97,7 @@ class ALPALoss(TunableLoss):
 
     def _params_changed(self) -> None:
         consts, static = K.constants(self._params)
-        self._set(_consts=consts, _static=static, _per_device={},
+        self._set(_consts=consts, _static=static, _per_device={}, _last=None,
                   _scale_sum=self._params["reduction"] == "sum")
 
     def _evaluate(self, logits: torch.Tensor, target: torch.Tensor, is_index: bool,
@@ -106,9 +106,15 @@ class ALPALoss(TunableLoss):
         x = logits.detach()
         if x.dtype not in _EXACT:  # half precision computes in float32 (see _base.compute_dtype)
             x = x.float()
-        ops = self._per_device.get((x.device, x.dtype))
-        if ops is None:
-            ops = self._per_device[(x.device, x.dtype)] = K.operands(self._consts, x.dtype, x.device)
+        last = self._last
+        if last is not None and last[1] is x.dtype and last[0] == x.device:
+            ops = last[2]  # the usual case: same device and dtype as the previous call
+        else:
+            ops = self._per_device.get((x.device, x.dtype))
+            if ops is None:
+                ops = self._per_device[(x.device, x.dtype)] = K.operands(self._consts, x.dtype,
+                                                                         x.device)
+            self._set(_last=(x.device, x.dtype, ops))
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 total, grad = self._kernel(x, target, is_index, need_grad, ops)

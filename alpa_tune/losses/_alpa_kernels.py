@@ -186,10 +186,9 @@ def positive(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
         # from sp, so the rounding of q is harmless.
         s = _add_scaled(t.one, -1.0, p)
         q = torch.add(s, t.m).clamp_(max=1.0)
-        e = _add_scaled(torch.log(q).mul_(t.pg), -k.pe, sp)
+        loss = _add_scaled(torch.addcmul(t.plogc, torch.log(q), t.pg), -k.pe, sp).exp_()
     else:
-        e = sp.mul_(t.npe)
-    loss = e.add_(t.plogc).exp_()
+        loss = _add_scaled(t.plogc, -k.pe, sp).exp_()
     if not need_grad:
         return loss, None
     lp = p.mul_(loss)
