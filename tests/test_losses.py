@@ -7,6 +7,7 @@ product-rule derivatives), not from the fused kernel's log-space rearrangement.
 from __future__ import annotations
 
 import itertools
+import os
 import json
 import math
 
@@ -351,3 +352,30 @@ def test_compile_switches(monkeypatch):
 
 def test_alpa_loss_class_is_the_registered_one():
     assert isinstance(build_loss("alpa"), ALPALoss)
+
+
+@pytest.mark.skipif(os.environ.get("ALPA_TUNE_TEST_COMPILE") != "1",
+                    reason="compiles with torch.compile (10-60 s on CPU); ALPA_TUNE_TEST_COMPILE=1 runs it")
+def test_compiled_kernel_matches_eager_and_never_recompiles_on_new_values(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ALPA_TUNE_COMPILE", "1")
+    torch.manual_seed(0)
+    x = (3 * torch.randn(64, 7)).requires_grad_()
+    index = torch.randint(0, 7, (64,))
+    onehot = F.one_hot(index, 7).float()
+    for variant in ("plain", "hill"):
+        kw = dict(alpha=1.2, beta=0.8, gamma_pos=1.3, gamma_neg=0.4, variant=variant)
+        compiled, eager = build_loss("alpa", **kw), build_loss("alpa", **kw)
+        eager._use_compile["cpu"] = False
+        for target in (index, onehot):
+            (g_c,) = torch.autograd.grad(v_c := compiled(x, target), x)
+            (g_e,) = torch.autograd.grad(v_e := eager(x, target), x)
+            torch.testing.assert_close(v_c, v_e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    for gamma_neg in (0.0, 2.5, 5.0):  # new trials: new values, same graph
+        compiled.set_params(gamma_neg=gamma_neg, alpha=0.6)
+        eager.set_params(gamma_neg=gamma_neg, alpha=0.6)
+        torch.testing.assert_close(compiled(x, index), eager(x, index), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
