@@ -116,6 +116,9 @@ def create_study(config: StudyConfig, storage_url: str, budget: int | None = Non
         if CONFIG_ATTR not in attrs:
             study.set_user_attr(CONFIG_ATTR, config.to_dict())
             study.set_metric_names([METRIC_NAME])
+            from alpa_tune.dashboard import save_study_note  # the config as the dashboard's study note
+
+            save_study_note(study, config)
         if budget is not None or BUDGET_ATTR not in attrs:
             study.set_user_attr(BUDGET_ATTR, budget if budget is not None else config.search.n_trials)
         if not attrs.get(SEEDED_ATTR):
