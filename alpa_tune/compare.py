@@ -1,0 +1,412 @@
+"""Tuned ALPA against the baselines on the held-out split (the paper's Tables 3 to 5).
+
+Every loss trains on the same development 80 % (``training.split_holdout``, the split the
+search cross-validated) with the same seeds, and is scored once on the held-out 20 % the
+search never saw. Independent trainings run in parallel processes where the machine has room.
+The result is one JSON-ready dict (stored in the study as the ``comparison`` user attribute);
+:func:`table` lays it out as the paper's Table 3 for the terminal, Markdown, CSV and the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alpa_tune.config import StudyConfig, config_from_dict
+from alpa_tune.export import read_record
+from alpa_tune.storage import StorageError, mask_url, open_storage, scheme_of, sqlite_path
+
+COMPARISON_ATTR = "comparison"
+DEFAULT_LOSSES = ("ce", "focal", "asl", "alpa")
+TUNED = "alpa"  # the label of the tuned loss read from best.json
+# Each baseline with its paper's default settings (cb and ldam get the training class counts).
+BASELINES: dict[str, dict[str, Any]] = {
+    "ce": {},  # softmax cross-entropy
+    "bce": {},  # sigmoid BCE against one-hot targets
+    "focal": {"alpha": 0.25, "gamma": 2.0},  # Lin et al. 2017
+    "asl": {"gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05},  # Ridnik et al. 2021 (their main setting)
+    "cb": {"beta": 0.9999, "base": "ce"},  # Cui et al. 2019
+    "ldam": {"max_m": 0.5, "s": 30.0},  # Cao et al. 2019 (no deferred re-weighting)
+    # The paper's reported ALPA (Loss v2), untuned: shows what the search added.
+    "alpa_paper": {"alpha": 0.875, "beta": 1.625, "gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05},
+}
+_BUILD_NAME = {"alpa_paper": "alpa"}
+_NEEDS_COUNTS = ("cb", "ldam")
+
+
+class CompareError(ValueError):
+    """A bad best.json, loss list or seed count, or a best.json from another dataset."""
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    label: str  # column name: "alpa" (tuned), "ce", ...
+    name: str  # build_loss name
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    loss: LossEntry
+    seed: int
+
+
+def parse_losses(text: str) -> list[str]:
+    """``ce,focal,asl,alpa`` -> labels, checked against the known ones (order kept, no repeats)."""
+    labels = [part.strip().lower() for part in text.split(",") if part.strip()]
+    known = [TUNED, *BASELINES]
+    unknown = [label for label in labels if label not in known]
+    if not labels or unknown:
+        raise CompareError(f"--losses: {', '.join(map(repr, unknown)) or 'empty'}: choose from {', '.join(known)}")
+    if len(set(labels)) != len(labels):
+        raise CompareError(f"--losses: {text!r} names a loss twice")
+    return labels
+
+
+def load_best(path: str | Path) -> dict[str, Any]:
+    """The tuned record of a best.json (or any export format), as a CompareError when unusable."""
+    from alpa_tune.export import ExportError
+
+    try:
+        return read_record(path)
+    except ExportError as exc:
+        raise CompareError(f"--best: {exc}") from None
+
+
+def check_best(record: dict[str, Any], fingerprint: str, class_names: list[str], best_path: str | Path) -> None:
+    """Refuse a best.json tuned on other data: its class count and dataset fingerprint must match."""
+    names = record.get("metrics", {}).get("class_names")
+    if names is not None and len(names) != len(class_names):
+        raise CompareError(f"--best {best_path}: tuned on {len(names)} classes, but the config's dataset has "
+                           f"{len(class_names)}")
+    tuned_on = record.get("dataset_fingerprint")
+    if tuned_on is not None and tuned_on != fingerprint:
+        raise CompareError(f"--best {best_path}: tuned on dataset {tuned_on}, but the config's dataset is "
+                           f"{fingerprint} (other data, image size or settings)")
+
+
+def loss_entries(labels: list[str], record: dict[str, Any]) -> list[LossEntry]:
+    """Labels -> what to build: the tuned loss from the record, baselines from BASELINES."""
+    from alpa_tune.losses import build_loss
+
+    entries = []
+    for label in labels:
+        if label == TUNED:
+            entry = LossEntry(label, record["loss"], dict(record["params"]))
+        else:
+            entry = LossEntry(label, _BUILD_NAME.get(label, label), dict(BASELINES[label]))
+        probe = {"class_counts": [2, 1]} if entry.name in _NEEDS_COUNTS else {}
+        build_loss(entry.name, **entry.params, **probe)  # a bad parameter fails now, not in a worker
+        entries.append(entry)
+    return entries
+
+
+def plan_workers(n_jobs: int, requested: int | None, device: str) -> tuple[int, list[str]]:
+    """(processes, device per process). CUDA: one process per visible GPU; CPU: one per core."""
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        gpus = [device] if ":" in device else [f"cuda:{k}" for k in range(max(torch.cuda.device_count(), 1))]
+        workers = min(n_jobs, requested or len(gpus))
+        return workers, [gpus[k % len(gpus)] for k in range(workers)]
+    workers = min(n_jobs, requested or os.cpu_count() or 1)
+    return workers, ["cpu"] * workers
+
+
+def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str], seeds: int, *,
+                   workers: int | None = None, best_path: str | Path = "best.json",
+                   on_run: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, Any]:
+    """Train every loss with every seed on the development split, score each on the hold-out.
+
+    ``on_run(run, done, total)`` is called as each training finishes (any order).
+    """
+    from alpa_tune.data import load_dataset
+    from alpa_tune.training import split_holdout
+
+    if seeds < 1:
+        raise CompareError(f"--seeds: must be >= 1, got {seeds}")
+    dataset = load_dataset(config.data)
+    check_best(record, dataset.fingerprint, dataset.class_names, best_path)
+    entries = loss_entries(labels, record)
+    dev, held = split_holdout(dataset, config.training.holdout, config.training.seed)
+    seed_list = [config.training.seed + k for k in range(seeds)]
+    jobs = [Job(entry, seed) for seed in seed_list for entry in entries]
+    n_workers, devices = plan_workers(len(jobs), workers, config.training.device)
+    threads = config.training.threads or max(1, (os.cpu_count() or 1) // n_workers)
+
+    runs: list[dict[str, Any]] = []
+    if n_workers == 1:
+        _init_worker(config.to_dict(), threads, devices[0], dataset)
+        for job in jobs:
+            runs.append(_train_one(job))
+            if on_run:
+                on_run(runs[-1], len(runs), len(jobs))
+    else:
+        # spawn: a fresh interpreter per worker (no forked torch/CUDA state); each loads the
+        # dataset once (file sources read the shared on-disk cache) and pins its own device.
+        context = multiprocessing.get_context("spawn")
+        slots = context.Queue()
+        for device in devices:
+            slots.put(device)
+        with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker_slot,
+                                 initargs=(config.to_dict(), threads, slots)) as pool:
+            futures = [pool.submit(_train_one, job) for job in jobs]
+            for future in as_completed(futures):
+                runs.append(future.result())
+                if on_run:
+                    on_run(runs[-1], len(runs), len(jobs))
+    order = {(job.loss.label, job.seed): k for k, job in enumerate(jobs)}
+    runs.sort(key=lambda run: order[(run["loss"], run["seed"])])
+    return {
+        "format": 1,
+        "study": record.get("study") or config.name,
+        "tuned_trial": record.get("trial"),
+        "tuned_value": record.get("value"),
+        "dataset_fingerprint": dataset.fingerprint,
+        "class_names": list(dataset.class_names),
+        "train_counts": np.bincount(dataset.labels[dev], minlength=dataset.num_classes).tolist(),
+        "test_counts": np.bincount(dataset.labels[held], minlength=dataset.num_classes).tolist(),
+        "losses": [{"label": e.label, "loss": e.name, "params": e.params} for e in entries],
+        "seeds": seed_list,
+        "runs": runs,
+        "training": {k: v for k, v in config.to_dict()["training"].items()
+                     if k in ("epochs", "batch_size", "lr", "weight_decay", "holdout", "seed", "optimizer")},
+        "model": config.model.backbone,
+        "workers": n_workers,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- worker processes ------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker_slot(config_dict: dict[str, Any], threads: int, slots: Any) -> None:
+    _init_worker(config_dict, threads, slots.get())
+
+
+def _init_worker(config_dict: dict[str, Any], threads: int, device: str, dataset: Any = None) -> None:
+    import torch
+
+    from alpa_tune.data import load_dataset
+    from alpa_tune.training import resolve_device
+
+    torch.set_num_threads(threads)  # two processes on two cores must not fight over them
+    config = config_from_dict(config_dict)
+    _WORKER.update(config=config, dataset=dataset if dataset is not None else load_dataset(config.data),
+                   device=resolve_device(device))
+
+
+def _train_one(job: Job) -> dict[str, Any]:
+    from alpa_tune.losses import build_loss
+    from alpa_tune.training import NonFiniteLossError, split_holdout, train_and_evaluate
+
+    config, dataset, device = _WORKER["config"], _WORKER["dataset"], _WORKER["device"]
+    dev, held = split_holdout(dataset, config.training.holdout, config.training.seed)
+    entry = job.loss
+
+    def factory(counts: np.ndarray):
+        extra = {"class_counts": [max(int(c), 1) for c in counts]} if entry.name in _NEEDS_COUNTS else {}
+        return build_loss(entry.name, **entry.params, **extra)
+
+    started = time.perf_counter()
+    run: dict[str, Any] = {"loss": entry.label, "seed": job.seed, "device": str(device)}
+    try:
+        result = train_and_evaluate(config, dataset, dev, held, factory, seed=job.seed, device=device)
+    except NonFiniteLossError as exc:  # one diverging baseline must not sink the whole table
+        return {**run, "error": str(exc), "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        **run,
+        "balanced_accuracy": result.balanced_accuracy,
+        "macro_f1": result.macro_f1,
+        "recall": [_finite_or_none(v) for v in result.recall],
+        "f1": [_finite_or_none(v) for v in result.f1],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None  # JSON and study attrs have no NaN
+
+
+# -- the study -------------------------------------------------------------------------------
+def find_study(url: str, name: str):
+    """The study ``name`` when the storage exists and holds it, else None (never creates a store)."""
+    import optuna
+
+    scheme = scheme_of(url)
+    if scheme in ("sqlite", "journal"):
+        path = sqlite_path(url) if scheme == "sqlite" else Path(url.split(":", 1)[1].removeprefix("//"))
+        if path is None or not path.exists():
+            return None
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        return None
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a driver error reading the study list
+        raise StorageError(f"cannot read studies in {mask_url(url)}: {type(exc).__name__}") from None
+
+
+def store_comparison(study: Any, comparison: dict[str, Any]) -> None:
+    """Keep the comparison with the study, where ``alpa-tune report`` finds it."""
+    study.set_user_attr(COMPARISON_ATTR, comparison)
+
+
+# -- the table -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    mean: float | None  # None: no finite value over the seeds
+    std: float | None  # sample standard deviation over seeds; None with one seed
+    percent: bool  # accuracies in %, as the paper; F1 as 0..1
+    best: bool = False
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "-"
+        scale, digits = (100.0, 2) if self.percent else (1.0, 3)
+        body = f"{self.mean * scale:.{digits}f}"
+        return body if self.std is None else f"{body} ± {self.std * scale:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    labels: list[str]  # losses, in column order
+    header: list[str]  # "Class", "Training samples", "Test samples", then Acc/F1 per loss
+    rows: list[tuple[str, int | None, int | None, list[Cell]]]  # class, train n, test n, 2 cells per loss
+    note: str
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return None, None
+    return float(np.mean(finite)), (float(np.std(finite, ddof=1)) if len(finite) > 1 else None)
+
+
+def table(comparison: dict[str, Any]) -> Table:
+    """The paper's Table 3: per class training samples, Acc (= recall) and F1 per loss, then
+    balanced accuracy and macro F1; mean ± sample std over seeds. Best mean per row flagged."""
+    labels = [loss["label"] for loss in comparison["losses"]]
+    by_loss = {label: [r for r in comparison["runs"] if r["loss"] == label and "error" not in r] for label in labels}
+    rows = []
+    for c, name in enumerate(comparison["class_names"]):
+        cells = []
+        for label in labels:
+            cells.append(Cell(*_stats([r["recall"][c] for r in by_loss[label]]), percent=True))
+            cells.append(Cell(*_stats([r["f1"][c] for r in by_loss[label]]), percent=False))
+        rows.append((str(name), comparison["train_counts"][c], comparison["test_counts"][c], _flag_best(cells)))
+    summary = []
+    for label in labels:
+        summary.append(Cell(*_stats([r["balanced_accuracy"] for r in by_loss[label]]), percent=True))
+        summary.append(Cell(*_stats([r["macro_f1"] for r in by_loss[label]]), percent=False))
+    rows.append(("Balanced accuracy / macro F1", sum(comparison["train_counts"]), sum(comparison["test_counts"]),
+                 _flag_best(summary)))
+    failed = [f"{r['loss']} seed {r['seed']}" for r in comparison["runs"] if "error" in r]
+    seeds = comparison["seeds"]
+    note = (f"Held-out test split ({sum(comparison['test_counts'])} images), {len(seeds)} seed(s) "
+            f"({', '.join(map(str, seeds))}); Acc = per-class recall in %, mean ± sample std over seeds."
+            + (f" Diverged (left out): {', '.join(failed)}." if failed else ""))
+    header = ["Class", "Training samples", "Test samples"]
+    for label in labels:
+        header += [f"{label} Acc", f"{label} F1"]
+    return Table(labels, header, rows, note)
+
+
+def _flag_best(cells: list[Cell]) -> list[Cell]:
+    out = list(cells)
+    for start in (0, 1):  # Acc columns, then F1 columns
+        means = [c.mean for c in cells[start::2] if c.mean is not None]
+        if len(means) > 1:
+            top = max(means)
+            for k in range(start, len(cells), 2):
+                if cells[k].mean is not None and np.isclose(cells[k].mean, top):
+                    out[k] = Cell(cells[k].mean, cells[k].std, cells[k].percent, best=True)
+    return out
+
+
+def to_markdown(comparison: dict[str, Any]) -> str:
+    t = table(comparison)
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(t.header) - 1)) + "|"]
+    for name, train, test, cells in t.rows:
+        texts = [f"**{c.text()}**" if c.best else c.text() for c in cells]
+        lines.append("| " + " | ".join([name.replace("|", "/"), str(train), str(test), *texts]) + " |")
+    return "\n".join(lines) + f"\n\n{t.note}\n"
+
+
+def to_csv(comparison: dict[str, Any]) -> str:
+    """Numbers as fractions (not %), mean and std in separate columns: for spreadsheets and pandas."""
+    import csv
+    import io
+
+    t = table(comparison)
+    header = ["class", "train_samples", "test_samples"]
+    for label in t.labels:
+        header += [f"{label}_acc_mean", f"{label}_acc_std", f"{label}_f1_mean", f"{label}_f1_std"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for k, (name, train, test, cells) in enumerate(t.rows):
+        values: list[Any] = ["balanced_accuracy/macro_f1" if k == len(t.rows) - 1 else name, train, test]
+        for cell in cells:
+            values += ["" if cell.mean is None else f"{cell.mean:.6f}", "" if cell.std is None else f"{cell.std:.6f}"]
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def rich_table(comparison: dict[str, Any]):
+    """The table for the terminal: the paper's columns; the spread under the mean keeps it narrow."""
+    from rich.table import Table as RichTable
+
+    t = table(comparison)
+    out = RichTable(title=f"{comparison['study']}: held-out comparison", caption=t.note, title_justify="left")
+    out.add_column("Class")
+    out.add_column("Training\nsamples", justify="right")
+    for label in t.labels:
+        out.add_column(f"{label}\nAcc %", justify="right")
+        out.add_column(f"{label}\nF1", justify="right")
+    for k, (name, train, _, cells) in enumerate(t.rows):
+        texts = [c.text().replace(" ± ", "\n±") for c in cells]
+        texts = [f"[bold green]{text}[/]" if c.best else text for c, text in zip(cells, texts)]
+        out.add_row(name, str(train), *texts, end_section=k == len(t.rows) - 2)
+    return out
+
+
+def check_output(prefix: str | Path) -> None:
+    """Fail before hours of training when the CSV/Markdown cannot be written."""
+    folder = Path(prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{Path(prefix).name}.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CompareError(f"-o {prefix}: cannot write in {folder} ({exc.strerror})") from None
+
+
+def write_outputs(comparison: dict[str, Any], prefix: str | Path) -> list[Path]:
+    """PREFIX.csv, PREFIX.md and PREFIX.json (every run, for later analysis)."""
+    import json
+
+    prefix = Path(prefix)
+    outputs = {".csv": to_csv(comparison), ".md": to_markdown(comparison),
+               ".json": json.dumps(comparison, indent=2, allow_nan=False) + "\n"}
+    paths = []
+    for suffix, text in outputs.items():
+        path = prefix.with_name(prefix.name + suffix)
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CompareError(f"cannot write {path}: {exc.strerror}") from None
+        paths.append(path)
+    return paths
