@@ -145,11 +145,18 @@ def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str
 
     runs: list[dict[str, Any]] = []
     if n_workers == 1:
+        import torch
+
+        before = torch.get_num_threads()
         _init_worker(config.to_dict(), threads, devices[0], dataset)
-        for job in jobs:
-            runs.append(_train_one(job))
-            if on_run:
-                on_run(runs[-1], len(runs), len(jobs))
+        try:
+            for job in jobs:
+                runs.append(_train_one(job))
+                if on_run:
+                    on_run(runs[-1], len(runs), len(jobs))
+        finally:
+            torch.set_num_threads(before)  # in-process: leave the caller's setting as it was
+            _WORKER.clear()
     else:
         # spawn: a fresh interpreter per worker (no forked torch/CUDA state); each loads the
         # dataset once (file sources read the shared on-disk cache) and pins its own device.
