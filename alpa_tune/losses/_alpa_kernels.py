@@ -104,6 +104,7 @@ class Operands(NamedTuple):
 
     m: torch.Tensor
     one: torch.Tensor
+    one_m: torch.Tensor  # 1 + m
     ge: torch.Tensor
     lam: torch.Tensor
     pg: torch.Tensor
@@ -117,7 +118,7 @@ class Operands(NamedTuple):
 
 def operands(k: Consts, dtype: torch.dtype, device: torch.device) -> Operands:
     """The 0-d tensors for one setting, device and dtype (built once, cached by the caller)."""
-    values = [k.m, 1.0, k.ge, k.lam, k.pg, -k.pe, k.plogc, k.npc, 2.0 ** _EPS_LOG2[dtype],
+    values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, -k.pe, k.plogc, k.npc, 2.0 ** _EPS_LOG2[dtype],
               k.beta, k.na]
     return Operands(*torch.tensor(values, dtype=dtype, device=device).unbind(0))
 
@@ -182,21 +183,25 @@ def positive(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
     sp = F.softplus(x)  # -log(1 - p), exact for any finite logit
     p = torch.sigmoid(x)
     if st.reference and st.clipped:
-        # 1 - p loses digits only where it is tiny; q >= m there, and the loss's tail comes
-        # from sp, so the rounding of q is harmless.
-        s = _add_scaled(t.one, -1.0, p)
-        q = torch.add(s, t.m).clamp_(max=1.0)
+        # q = min(1 - p + m, 1), and q >= m: the lower bound matters where 1 + m rounds to 1.
+        # 1 - p loses digits only where it is tiny; q >= m there, and the loss's tail comes from
+        # sp, so the rounding of q is harmless.
+        q = _add_scaled(t.one_m, -1.0, p).clamp_(min=k.m, max=1.0) if _is_num(k.m) \
+            else torch.clamp(t.one_m - p, min=k.m, max=t.one)
         loss = _add_scaled(torch.addcmul(t.plogc, torch.log(q), t.pg), -k.pe, sp).exp_()
     else:
         loss = _add_scaled(t.plogc, -k.pe, sp).exp_()
     if not need_grad:
         return loss, None
-    lp = p.mul_(loss)
-    if st.reference and st.clipped:  # q's derivative is -p s while unclamped, 0 once q = 1
-        r = s.div_(q).mul_(torch.lt(q, t.one))
-        grad = _addcmul(torch.mul(lp, t.npc), lp, r, k.npr)
+    if st.reference and st.clipped:
+        # q's derivative is -p s while unclamped, 0 once q = 1. -s / q is above m - 1 exactly
+        # where q < 1, so one threshold masks the clamped part.
+        neg_r = F.threshold_(torch.sub(p, t.one).div_(q), k.m - 1.0, 0.0) if _is_num(k.m) \
+            else torch.where(q < 1, (p - 1) / q, 0.0)
+        lp = p.mul_(loss)
+        grad = _addcmul(torch.mul(lp, t.npc), lp, neg_r, -k.npr)
     else:
-        grad = lp.mul_(t.npc)
+        grad = p.mul_(loss).mul_(t.npc)
     return loss, grad
 
 
@@ -226,7 +231,7 @@ def dense_kernel(x: torch.Tensor, y: torch.Tensor, k: Consts, t: Operands, st: S
 def _entry(kernel, x, target, kt, st, need_grad):
     k = Consts(*kt.unbind(0))
     eps = torch.full((), 2.0 ** _EPS_LOG2[x.dtype], dtype=x.dtype, device=x.device)
-    t = Operands(m=k.m, one=torch.ones_like(eps), ge=k.ge, lam=k.lam, pg=k.pg, npe=-k.pe,
+    t = Operands(m=k.m, one=torch.ones_like(eps), one_m=1 + k.m, ge=k.ge, lam=k.lam, pg=k.pg, npe=-k.pe,
                  plogc=k.plogc, npc=k.npc, eps=eps, beta=k.beta, na=k.na)
     return kernel(x, target, k, t, st, need_grad)
 
