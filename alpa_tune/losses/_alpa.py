@@ -97,7 +97,7 @@ class ALPALoss(TunableLoss):
 
     def _params_changed(self) -> None:
         consts, static = K.constants(self._params)
-        self._set(_consts=consts, _static=static, _per_device={}, _last=None,
+        self._set(_consts=consts, _static=static, _last=None,
                   _scale_sum=self._params["reduction"] == "sum")
 
     def _evaluate(self, logits: torch.Tensor, target: torch.Tensor, is_index: bool,
@@ -107,33 +107,31 @@ class ALPALoss(TunableLoss):
         if x.dtype not in _EXACT:  # half precision computes in float32 (see _base.compute_dtype)
             x = x.float()
         last = self._last
-        if last is not None and last[1] is x.dtype and last[0] == x.device:
-            ops = last[2]  # the usual case: same device and dtype as the previous call
-        else:
-            ops = self._per_device.get((x.device, x.dtype))
-            if ops is None:
-                ops = self._per_device[(x.device, x.dtype)] = K.operands(self._consts, x.dtype,
-                                                                         x.device)
-            self._set(_last=(x.device, x.dtype, ops))
+        if last is None or last[1] is not x.dtype or last[0] != x.device:
+            last = self._plan(x)
+        ops = last[2]
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                total, grad = self._kernel(x, target, is_index, need_grad, ops)
+                total, grad = self._kernel(x, target, is_index, need_grad, ops, last[3])
         else:
-            total, grad = self._kernel(x, target, is_index, need_grad, ops)
+            total, grad = self._kernel(x, target, is_index, need_grad, ops, last[3])
         if scale == 1.0:
             return total.mul_(ops.beta), grad, ops.na
         return total.mul_(ops.beta).mul_(scale), grad, ops.na * scale
 
-    def _kernel(self, x: torch.Tensor, target: torch.Tensor, is_index: bool, need_grad: bool,
-                ops: K.Operands):
+    def _plan(self, x: torch.Tensor) -> tuple:
+        """Constants for x's device and dtype, and whether to compile (kept for the next call)."""
         use_compile = self._use_compile.get(x.device.type)
         if use_compile is None:  # decided once per device (reading the environment is slow)
             use_compile = self._use_compile[x.device.type] = compile_enabled(x.device)
-        if use_compile and not K.compile_failed():
-            key = (x.device, x.dtype, "compiled")
-            kt = self._per_device.get(key)
-            if kt is None:
-                kt = self._per_device[key] = K.compiled_tensor(self._consts, x.dtype, x.device)
+        ops = K.operands(self._consts, x.dtype, x.device)
+        kt = K.compiled_tensor(self._consts, x.dtype, x.device) if use_compile else None
+        self._set(_last=(x.device, x.dtype, ops, kt))
+        return self._last
+
+    def _kernel(self, x: torch.Tensor, target: torch.Tensor, is_index: bool, need_grad: bool,
+                ops: K.Operands, kt: torch.Tensor | None):
+        if kt is not None and not K.compile_failed():
             out = K.run_compiled(is_index, x, target, kt, self._static, need_grad)
             if out is not None:
                 return out
