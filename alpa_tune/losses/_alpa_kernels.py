@@ -10,24 +10,24 @@ Powers are taken in log space, ``exp2(g * log2(base))``, and derivatives are wri
 of bounded factors (never ``g * p**(g - 1)``), so fractional gammas, p = 0, p = 1 and logits of
 any size give finite values and gradients:
 
-* negatives: ``p^g p_m^(g+1) = p_m (p p_m)^g``. The power's base is ``p p_m + eps`` with eps a
-  normal number far below the dtype's resolution: log2 never sees 0 or a subnormal (on CPU those
-  take a scalar slow path, 10-40x slower, and most negatives of a trained model sit at p <= m),
-  and where p_m = 0 the product with p_m still makes the loss exactly 0. Where p_m > 0 the
-  derivative needs the power alone, ``(p p_m)^g = loss / p_m``; it is taken as
-  ``loss p / base``, exact to the same eps and exactly 0 where p_m = 0 (the kink's indicator);
+* negatives: ``p^g p_m^(g+1) = p_m (p p_m)^g``. The power's base is ``p p_m + eps``, eps a
+  normal number far below the dtype's resolution, so log2 never sees 0 or a subnormal (on CPU
+  those take a scalar slow path, 10-40x slower, and most negatives of a trained model sit at
+  p <= m). Where p_m = 0 the base is eps exactly and a threshold sends its log to -inf: the
+  power is then exactly 0 there, which is the kink's indicator 1{p > m} the derivative needs;
 * positives: ``log(1 - p) = -softplus(x)``, exact for any finite logit, so the loss keeps its
   tail where sigmoid rounds to 1;
 * gamma_neg is floored at 1e-30 in the exponent so that ``0 * log2(0)`` cannot make a NaN.
 
 For int64 class indices the negative form runs over all N x C elements and the positive form only
 over the N target logits, whose slots it then overwrites: about half the transcendental work of
-evaluating both forms everywhere. Negative terms are carried in units of beta / na (na, the
-negative gradient's scale, is folded into the power's exponent), positives likewise, and the sum
-is scaled once at the end; this saves whole passes over the (N, C) tensor.
+evaluating both forms everywhere. Losses are carried in units of beta and gradients in units of
+1 / na (na, the negative gradient's scale); the caller scales the sum and, in backward, the
+gradient by a scalar, which saves whole passes over the (N, C) tensor.
 
-Eager, the constants are Python floats and the fused torch ops (``alpha=``, ``value=``) save
-passes; under torch.compile they are 0-d tensors, so new hyperparameters never recompile.
+Eager, constants that fused ops take as numbers (``alpha=``, ``value=``, clamp bounds) are Python
+floats and the others 0-d tensors; under torch.compile all are 0-d tensors, so new hyperparameter
+values never recompile.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 # 1e-30 * log2(w) rounds to 0 for every w > 0 a float can hold, yet 1e-30 * -inf stays -inf.
 _GAMMA_FLOOR = 1e-30
-# Clips below this act as 0: the difference is below 1e-30 per element, and q = s + m can
-# then never round to 0.
+# Clips below this act as 0: the difference is below 1e-30 per element, and m stays a normal
+# float32 number (q >= m must not round to 0).
 _CLIP_FLOOR = 1e-30
 # Per compute dtype, log2 of eps: far below the dtype's resolution for every genuine p p_m
 # (at least about m * ulp(m)), yet a normal number.
@@ -108,7 +108,6 @@ class Operands(NamedTuple):
     ge: torch.Tensor
     lam: torch.Tensor
     pg: torch.Tensor
-    npe: torch.Tensor  # -pe
     plogc: torch.Tensor
     npc: torch.Tensor
     eps: torch.Tensor  # the negative power's base offset (see the module docstring)
@@ -118,7 +117,7 @@ class Operands(NamedTuple):
 
 def operands(k: Consts, dtype: torch.dtype, device: torch.device) -> Operands:
     """The 0-d tensors for one setting, device and dtype (built once, cached by the caller)."""
-    values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, -k.pe, k.plogc, k.npc, 2.0 ** _EPS_LOG2[dtype],
+    values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, k.plogc, k.npc, 2.0 ** _EPS_LOG2[dtype],
               k.beta, k.na]
     return Operands(*torch.tensor(values, dtype=dtype, device=device).unbind(0))
 
@@ -231,7 +230,7 @@ def dense_kernel(x: torch.Tensor, y: torch.Tensor, k: Consts, t: Operands, st: S
 def _entry(kernel, x, target, kt, st, need_grad):
     k = Consts(*kt.unbind(0))
     eps = torch.full((), 2.0 ** _EPS_LOG2[x.dtype], dtype=x.dtype, device=x.device)
-    t = Operands(m=k.m, one=torch.ones_like(eps), one_m=1 + k.m, ge=k.ge, lam=k.lam, pg=k.pg, npe=-k.pe,
+    t = Operands(m=k.m, one=torch.ones_like(eps), one_m=1 + k.m, ge=k.ge, lam=k.lam, pg=k.pg,
                  plogc=k.plogc, npc=k.npc, eps=eps, beta=k.beta, na=k.na)
     return kernel(x, target, k, t, st, need_grad)
 
@@ -278,7 +277,7 @@ def run_compiled(is_index: bool, x, target, kt, st, need_grad):
     global _compile_failed
     fn = _compiled.get(is_index)
     if fn is None:
-        # dynamic=True: the last, smaller batch of an epoch must not trigger a recompile.
+        # dynamic=True: batch sizes share a graph (inductor may specialise once on small vs large).
         fn = _compiled[is_index] = torch.compile(_index_entry if is_index else _dense_entry,
                                                  dynamic=True, fullgraph=True)
     try:
