@@ -167,10 +167,15 @@ def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str
         with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker_slot,
                                  initargs=(config.to_dict(), threads, slots)) as pool:
             futures = [pool.submit(_train_one, job) for job in jobs]
-            for future in as_completed(futures):
-                runs.append(future.result())
-                if on_run:
-                    on_run(runs[-1], len(runs), len(jobs))
+            try:
+                for future in as_completed(futures):
+                    runs.append(future.result())
+                    if on_run:
+                        on_run(runs[-1], len(runs), len(jobs))
+            except BaseException:  # a failure or Ctrl-C: do not start the queued trainings
+                for future in futures:
+                    future.cancel()
+                raise
     order = {(job.loss.label, job.seed): k for k, job in enumerate(jobs)}
     runs.sort(key=lambda run: order[(run["loss"], run["seed"])])
     return {

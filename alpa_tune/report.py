@@ -220,7 +220,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 0; }
 .caption { color: #666; font-size: 0.9rem; } .note { background: #fff8e1; padding: 0.6rem; border-radius: 4px; }
 table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
 th, td { border-bottom: 1px solid #eee; padding: 0.25rem 0.6rem; text-align: left; }
-table.compare td, table.trials td { text-align: right; font-variant-numeric: tabular-nums; }
+table.compare td, table.trials td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.compare td:first-child { text-align: left; }
 pre { background: #f4f4f4; padding: 0.8rem; overflow-x: auto; }
 """
