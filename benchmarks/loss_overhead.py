@@ -1,6 +1,6 @@
 """Forward+backward cost of the fused ALPA loss against BCE and the authors' unfused sequence.
 
-    python benchmarks/loss_overhead.py [--rounds 60] [--reps 10] [--shapes 128x5,256x52,4096x17]
+    python benchmarks/loss_overhead.py [--rounds 200] [--reps 5] [--shapes 128x5,256x52,4096x17]
 
 For each shape (CPU float32, and CUDA bfloat16 when a GPU is present) it times, on the same
 logits and in interleaved rounds (so background load hits every contender alike):
@@ -131,8 +131,8 @@ def bench_shape(n: int, c: int, device: torch.device, dtype: torch.dtype, rounds
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--shapes", default="128x5,256x52,4096x17")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda", action="store_true")
