@@ -130,7 +130,15 @@ def export(
                                                 "-o suffix, else json).")] = None,
 ) -> None:
     """Write the best trial's loss settings, metrics and provenance (load with alpa_tune.load_loss)."""
-    from alpa_tune.export import ExportError, FORMATS, SUFFIXES, format_for, render_records, study_records, write_records
+    from alpa_tune.export import (
+        FORMATS,
+        SUFFIXES,
+        ExportError,
+        format_for,
+        render_records,
+        study_records,
+        write_records,
+    )
     from alpa_tune.workers import load_study
 
     fmt = format_ or (format_for(output) if output and output != "-" else None) or "json"

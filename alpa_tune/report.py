@@ -193,13 +193,15 @@ def _header(study: optuna.Study, trials: list[FrozenTrial], complete: list[Froze
 def _top_trials(complete: list[FrozenTrial], limit: int = 10) -> str:
     ranked = sorted(complete, key=lambda t: (-t.value, t.number))[:limit]
     names = [p for p in (*SLICE_PARAMS, "variant") if any(p in t.params for t in ranked)]
+
+    def shown(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     head = "".join(f"<th>{h}</th>" for h in ("trial", "balanced accuracy", *names))
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in (
-            str(t.number), f"{t.value:.4f}",
-            *(f"{t.params[p]:.4g}" if isinstance(t.params.get(p), float) else str(t.params.get(p, "-")) for p in names)))
-        + "</tr>" for t in ranked)
-    return f"<h2>Top {len(ranked)} trials</h2><table class=\"trials\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in (
+        str(t.number), f"{t.value:.4f}", *(shown(t.params.get(p, "-")) for p in names))) + "</tr>" for t in ranked)
+    return (f"<h2>Top {len(ranked)} trials</h2>"
+            f"<table class=\"trials\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _config_block(study: optuna.Study) -> str:

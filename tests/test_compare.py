@@ -84,7 +84,8 @@ def test_compare_prints_writes_and_stores_table_3(study_dir: Path, compared: sub
     assert "Held-out comparison" in build_report(study)
 
 
-def test_same_seed_same_result_in_process_or_in_a_worker(study_dir: Path, compared: subprocess.CompletedProcess) -> None:
+def test_same_seed_same_result_in_process_or_in_a_worker(study_dir: Path,
+                                                         compared: subprocess.CompletedProcess) -> None:
     assert compared.returncode == 0, compared.stderr
     parallel = json.loads((study_dir / "cmp" / "tiny.json").read_text())
     config = load_config(study_dir / "tiny.toml")
