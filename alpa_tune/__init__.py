@@ -22,8 +22,11 @@ def build_loss(name: str, **params: Any) -> torch.nn.Module:
     return _build(name, **params)
 
 
-def load_loss(path: str) -> torch.nn.Module:
-    """The tuned loss from an alpa-tune export file, ready to use."""
+def load_loss(path: str, rank: int = 1) -> torch.nn.Module:
+    """The tuned loss from an alpa-tune export file (JSON, TOML or Python), ready to use.
+
+    ``rank`` picks among the records of a ``--top K`` export (1 = the best).
+    """
     from alpa_tune.export import load_loss as _load
 
-    return _load(path)
+    return _load(path, rank)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-INSTALL_HINT = "pip install 'alpa-tune[dashboard]' (or: pip install optuna-dashboard)"
+INSTALL_HINT = "pip install optuna-dashboard (a dependency of alpa-tune; was it uninstalled?)"
 
 
 class DashboardError(RuntimeError):

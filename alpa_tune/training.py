@@ -173,6 +173,8 @@ def train_and_evaluate(
 
     epochs: list[EpochStats] = []
     for epoch in range(t.epochs):
+        if hasattr(loss_fn, "set_epoch"):
+            loss_fn.set_epoch(epoch)  # LDAM's deferred re-weighting switches on at its epoch
         model.train()
         started = time.perf_counter()
         order = train_index[torch.randperm(len(train_index), generator=generator).numpy()]
