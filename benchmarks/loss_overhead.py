@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         on = forced or compile_enabled(device)
         print(f"  {device.type}{' (compiled)' if forced else ''}: torch.compile for the ALPA "
               f"kernel {'on' if on else 'off (eager fused)'}")
-    print(f"  {args.rounds} interleaved rounds x {args.reps} forward+backward calls each; "
-          "hyperparameters redrawn from the search space before every ALPA call")
+    print(f"  {args.rounds} interleaved rounds x {args.reps} forward+backward calls each; every "
+          "round is a new trial (hyperparameters drawn from the search space)")
     print()
     print("| device | dtype | shape | BCE (us) | ALPA (us) | ALPA / BCE | new params every call "
           "/ BCE | ALPA 1-hot / BCE | unfused (us) | unfused / ALPA | first call after a switch "

@@ -181,7 +181,10 @@ def negative(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
 def positive(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: bool):
     sp = F.softplus(x)  # -log(1 - p), exact for any finite logit
     p = torch.sigmoid(x)
-    if st.reference and st.clipped:
+    # q^gamma_pos only exists for reference focusing with a clip; eager, gamma_pos = 0 (the
+    # paper's Loss v1 and v2) skips it too.
+    with_q = st.reference and st.clipped and not (_is_num(k.pg) and k.pg == 0.0)
+    if with_q:
         # q = min(1 - p + m, 1), and q >= m: the lower bound matters where 1 + m rounds to 1.
         # 1 - p loses digits only where it is tiny; q >= m there, and the loss's tail comes from
         # sp, so the rounding of q is harmless.
@@ -192,7 +195,7 @@ def positive(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
         loss = _add_scaled(t.plogc, -k.pe, sp).exp_()
     if not need_grad:
         return loss, None
-    if st.reference and st.clipped:
+    if with_q:
         # q's derivative is -p s while unclamped, 0 once q = 1. -s / q is above m - 1 exactly
         # where q < 1, so one threshold masks the clamped part.
         neg_r = F.threshold_(torch.sub(p, t.one).div_(q), k.m - 1.0, 0.0) if _is_num(k.m) \
