@@ -92,6 +92,13 @@ def test_build_every_loss_and_rebuild_from_params(name):
     assert torch.equal(loss(x, y), rebuilt(x, y))
 
 
+def test_register_loss_refuses_a_taken_name():
+    from alpa_tune.losses import CELoss, register_loss
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss(CELoss)
+
+
 def test_alpa_hill_alias_sets_the_variant():
     loss = build_loss("alpa_hill", alpha=1.25, beta=2, gamma_pos=3, gamma_neg=2)
     assert loss.params["variant"] == "hill" and loss.name == "alpa"
@@ -214,12 +221,13 @@ def test_alpa_matches_closed_form_float64(focusing, variant, clip):
     index = np.random.default_rng(2).integers(0, 7, size=24)
     onehot = np.eye(7)[index]
     multihot = (np.random.default_rng(3).random((24, 7)) < 0.3).astype(np.float64)
+    soft = 0.8 * multihot + 0.1  # label smoothing: y l+ + (1 - y) l-
     for a, b, gp, gn in SETTINGS:
         kw = dict(alpha=a, beta=b, gamma_pos=gp, gamma_neg=gn, clip=clip, focusing=focusing,
                   variant=variant, hill_lambda=1.5 if variant == "plain" else 1.3)
         loss = build_loss("alpa", **kw)
         for target_np, target in [(onehot, torch.tensor(index)), (onehot, torch.tensor(onehot)),
-                                  (multihot, torch.tensor(multihot))]:
+                                  (multihot, torch.tensor(multihot)), (soft, torch.tensor(soft))]:
             el, grad = ref_alpa(x, target_np, **kw)
             value, got = run(loss, x, target)
             assert value == pytest.approx(el.sum(), rel=1e-12, abs=1e-12), kw
