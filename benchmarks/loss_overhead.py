@@ -136,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="128x5,256x52,4096x17")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for the run (default: torch's own default)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ALPA through torch.compile on CPU (ALPA_TUNE_COMPILE=1)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     targets: list[tuple[torch.device, torch.dtype, bool]] = [
         (torch.device("cpu"), torch.float32, False)]

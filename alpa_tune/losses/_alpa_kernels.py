@@ -110,6 +110,7 @@ class Operands(NamedTuple):
     pg: torch.Tensor
     plogc: torch.Tensor
     npc: torch.Tensor
+    npc_npr: torch.Tensor  # npc + npr
     eps: torch.Tensor  # the negative power's base offset (see the module docstring)
     beta: torch.Tensor
     na: torch.Tensor
@@ -117,8 +118,8 @@ class Operands(NamedTuple):
 
 def operands(k: Consts, dtype: torch.dtype, device: torch.device) -> Operands:
     """The 0-d tensors for one setting, device and dtype (built once, cached by the caller)."""
-    values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, k.plogc, k.npc, 2.0 ** _EPS_LOG2[dtype],
-              k.beta, k.na]
+    values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, k.plogc, k.npc, k.npc + k.npr,
+              2.0 ** _EPS_LOG2[dtype], k.beta, k.na]
     return Operands(*torch.tensor(values, dtype=dtype, device=device).unbind(0))
 
 
@@ -196,12 +197,13 @@ def positive(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
     if not need_grad:
         return loss, None
     if with_q:
-        # q's derivative is -p s while unclamped, 0 once q = 1. -s / q is above m - 1 exactly
-        # where q < 1, so one threshold masks the clamped part.
-        neg_r = F.threshold_(torch.sub(p, t.one).div_(q), k.m - 1.0, 0.0) if _is_num(k.m) \
-            else torch.where(q < 1, (p - 1) / q, 0.0)
+        # q's derivative is -p s while unclamped, 0 once q = 1. There s / q = 1 - m / q, and
+        # m / q > m exactly where q < 1, so one threshold gives w = m / q there and 1 elsewhere:
+        # gamma_pos s / q 1{q < 1} = gamma_pos (1 - w).
+        w = F.threshold_(torch.div(t.m, q), k.m, 1.0) if _is_num(k.m) \
+            else torch.where(q < 1, t.m / q, 1.0)
         lp = p.mul_(loss)
-        grad = _addcmul(torch.mul(lp, t.npc), lp, neg_r, -k.npr)
+        grad = _addcmul(torch.mul(lp, t.npc_npr), lp, w, -k.npr)
     else:
         grad = p.mul_(loss).mul_(t.npc)
     return loss, grad
@@ -234,7 +236,8 @@ def _entry(kernel, x, target, kt, st, need_grad):
     k = Consts(*kt.unbind(0))
     eps = torch.full((), 2.0 ** _EPS_LOG2[x.dtype], dtype=x.dtype, device=x.device)
     t = Operands(m=k.m, one=torch.ones_like(eps), one_m=1 + k.m, ge=k.ge, lam=k.lam, pg=k.pg,
-                 plogc=k.plogc, npc=k.npc, eps=eps, beta=k.beta, na=k.na)
+                 plogc=k.plogc, npc=k.npc, npc_npr=k.npc + k.npr, eps=eps, beta=k.beta,
+                 na=k.na)
     return kernel(x, target, k, t, st, need_grad)
 
 
