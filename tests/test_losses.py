@@ -387,3 +387,17 @@ def test_compiled_kernel_matches_eager_and_never_recompiles_on_new_values(monkey
         eager.set_params(gamma_neg=gamma_neg, alpha=0.6)
         torch.testing.assert_close(compiled(x, index), eager(x, index), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("name", ["alpa", "ldam"])
+def test_losses_pickle_and_deepcopy_after_use(name):
+    import copy
+    import pickle
+
+    loss = build_loss(name, **({"class_counts": COUNTS} if name == "ldam" else {}))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    value = loss(x, y)  # fills the per-device caches
+    for clone in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert clone.params == loss.params
+        assert torch.equal(clone(x, y), value)
