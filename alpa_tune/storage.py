@@ -165,7 +165,8 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
     if path is None:  # in-memory SQLite: one process, nothing to guard
         yield
         return
-    with open(f"{path}.lock", "a+") as handle:
+    # Not "{path}.lock": Optuna's journal backend uses that name for its own lock.
+    with open(f"{path}.alpa-tune-lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

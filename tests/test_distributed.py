@@ -207,6 +207,8 @@ def test_journal_file_storage_runs_two_workers(tmp_path: Path) -> None:
     url = f"journal:{tmp_path / 'study.journal'}"
     done = cli("run", str(config), "--storage", url, "--workers", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    logs = "".join(p.read_text() for p in (tmp_path / "alpa-tune-out").glob("worker-*.log"))
+    assert "lock" not in logs.lower()  # our study lock must not collide with the journal's own lock file
     from alpa_tune.storage import open_storage
 
     study = optuna.load_study(study_name="tiny", storage=open_storage(url))
