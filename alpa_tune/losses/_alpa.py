@@ -49,7 +49,8 @@ class _FusedALPA(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the saved gradient is a constant
             raise RuntimeError("alpa-tune: the fused ALPA loss supports first derivatives only")
         (grad,) = ctx.saved_tensors
-        g = torch.mul(grad, torch.mul(grad_output, ctx.grad_scale))
+        scale = ctx.grad_scale  # None for reduction "sum": the saved gradient is in final units
+        g = torch.mul(grad, grad_output if scale is None else grad_output * scale)
         return (g if g.dtype == ctx.in_dtype else g.to(ctx.in_dtype)), None, None, None, None
 
 
@@ -102,8 +103,10 @@ class ALPALoss(TunableLoss):
 
     def _evaluate(self, logits: torch.Tensor, target: torch.Tensor, is_index: bool,
                   need_grad: bool, scale: float):
-        """(total, gradient in kernel units or None, the gradient's scale: a 0-d tensor)."""
-        x = logits.detach()
+        """(total, gradient or None, the gradient's scale: None for 1, else a float)."""
+        # No detach: this runs under no_grad (autograd.Function.forward) or on logits that
+        # record no graph, and the kernels never write into x.
+        x = logits
         if x.dtype not in _EXACT:  # half precision computes in float32 (see _base.compute_dtype)
             x = x.float()
         last = self._last
@@ -116,8 +119,8 @@ class ALPALoss(TunableLoss):
         else:
             total, grad = self._kernel(x, target, is_index, need_grad, ops, last[3])
         if scale == 1.0:
-            return total.mul_(ops.beta), grad, ops.na
-        return total.mul_(ops.beta).mul_(scale), grad, ops.na * scale
+            return total.mul_(ops.hk), grad, None
+        return total.mul_(ops.hk).mul_(scale), grad, scale
 
     def _plan(self, x: torch.Tensor) -> tuple:
         """Constants for x's device and dtype, and whether to compile (kept for the next call)."""

@@ -21,9 +21,12 @@ any size give finite values and gradients:
 
 For int64 class indices the negative form runs over all N x C elements and the positive form only
 over the N target logits, whose slots it then overwrites: about half the transcendental work of
-evaluating both forms everywhere. Losses are carried in units of beta and gradients in units of
-1 / na (na, the negative gradient's scale); the caller scales the sum and, in backward, the
-gradient by a scalar, which saves whole passes over the (N, C) tensor.
+evaluating both forms everywhere. Losses are carried in units of beta / na (na, the negative
+gradient's scale) and gradients in absolute units: the negative power is evaluated as
+``exp2(ge * log2(base) + log2(na))``, so na rides in the affine step before exp2 that the power
+needs anyway, and the positive term's constant includes log(na). The caller scales the sum by
+beta / na; backward only multiplies by grad_output. No pass over the (N, C) tensor is spent on
+units.
 
 Eager, constants that fused ops take as numbers (``alpha=``, ``value=``, clamp bounds) are Python
 floats and the others 0-d tensors; under torch.compile all are 0-d tensors, so new hyperparameter
@@ -57,15 +60,16 @@ class Consts(NamedTuple):
     m: Any  # clip (0 when below _CLIP_FLOOR)
     ge: Any  # multiplies log2 of the negative power's base: gamma_neg (floored), doubled for p^2
     nc: Any  # reference with clip: the gradient's p_m-free term, relative to the p_m term
-    hk: Any  # beta / na: converts loss units (beta) into gradient units (1 / na)
+    hk: Any  # beta / na: converts loss units (beta / na) into absolute units
     lam: Any  # hill lambda
     pg: Any  # exponent of q in the positive term
     pe: Any  # exponent of (1 - p) in the positive term
-    plogc: Any  # log(1.5 alpha / beta): the positive term's constant, in units of beta
-    npr: Any  # positive gradient: coefficient of s / q (units 1 / na)
-    npc: Any  # positive gradient: constant coefficient (units 1 / na)
+    plogc: Any  # log(1.5 alpha na / beta): the positive term's constant, in units of beta / na
+    npr: Any  # positive gradient: coefficient of s / q (times loss units: absolute)
+    npc: Any  # positive gradient: constant coefficient (times loss units: absolute)
     beta: Any  # loss unit
-    na: Any  # 1 / gradient unit: the negative gradient's scale
+    na: Any  # the negative gradient's scale
+    lna: Any  # log2(na): added to the negative power's exponent
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ def constants(params: dict[str, Any]) -> tuple[Consts, Static]:
     ge = max(gn, _GAMMA_FLOOR) * (2 if ref and not clipped else 1)
     # Positives: d/dx [c q^gp s^pe] = -c q^gp s^pe p (gp s / q 1{q < 1} + pe).
     consts = Consts(m=m, ge=ge, nc=nc, hk=hk, lam=params["hill_lambda"], pg=gp, pe=pe,
-                    plogc=math.log(1.5 * a / b), npr=-hk * gp, npc=-hk * pe, beta=b, na=na)
+                    plogc=math.log(1.5 * a / b) + math.log(na), npr=-hk * gp, npc=-hk * pe,
+                    beta=b, na=na, lna=math.log2(na))
     return consts, Static(clipped=clipped, reference=ref, hill=params["variant"] == "hill")
 
 
@@ -112,14 +117,14 @@ class Operands(NamedTuple):
     npc: torch.Tensor
     npc_npr: torch.Tensor  # npc + npr
     eps: torch.Tensor  # the negative power's base offset (see the module docstring)
-    beta: torch.Tensor
-    na: torch.Tensor
+    hk: torch.Tensor
+    lna: torch.Tensor
 
 
 def operands(k: Consts, dtype: torch.dtype, device: torch.device) -> Operands:
     """The 0-d tensors for one setting, device and dtype (built once, cached by the caller)."""
     values = [k.m, 1.0, 1.0 + k.m, k.ge, k.lam, k.pg, k.plogc, k.npc, k.npc + k.npr,
-              2.0 ** _EPS_LOG2[dtype], k.beta, k.na]
+              2.0 ** _EPS_LOG2[dtype], k.hk, k.lna]
     return Operands(*torch.tensor(values, dtype=dtype, device=device).unbind(0))
 
 
@@ -134,15 +139,26 @@ def _addcmul(y: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, a: Any) -> tor
     return torch.addcmul(y, t1, t2, value=a) if _is_num(a) else y + a * t1 * t2
 
 
-def _add_scaled(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:
-    """y + a * x, as a new tensor."""
-    return torch.add(y, x, alpha=a) if _is_num(a) else y + a * x
+def _addcmul_(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """v - v * p, written into v."""
+    return v.addcmul_(v, p, value=-1.0)
+
+
+def _add_scaled(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = None):
+    """y + a * x, as a new tensor or (eager) written into ``out``, which may be x."""
+    if _is_num(a):
+        return torch.add(y, x, alpha=a) if out is None else torch.add(y, x, alpha=a, out=out)
+    return y + a * x
+
+
+def _affine_(y: torch.Tensor, a: Any, c: torch.Tensor) -> torch.Tensor:
+    """c + a * y, written into y (c a 0-d tensor): one pass eager."""
+    return torch.add(c, y, alpha=a, out=y) if _is_num(a) else y.mul_(a).add_(c)
 
 
 # -- kernels ------------------------------------------------------------------------------------
-# Each returns (loss per element in units of beta, d loss / dx per element in units of 1 / na,
-# or None). The caller scales the sum by beta and the gradient by na: two scalar multiplies
-# instead of passes over the (N, C) tensor.
+# Each returns (loss per element in units of beta / na, d loss / dx per element in absolute units,
+# or None). The caller scales the sum by beta / na: one scalar multiply.
 
 def negative(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: bool):
     p = torch.sigmoid(x)
@@ -152,25 +168,26 @@ def negative(x: torch.Tensor, k: Consts, t: Operands, st: Static, need_grad: boo
         base = torch.addcmul(t.eps, p, pm) if st.reference else torch.add(pm, t.eps)
         # Where p_m = 0 the base is eps exactly: its log goes to -inf, so the power is exactly 0
         # there - the kink's indicator, which the derivative needs - at no extra pass.
-        power = F.threshold_(torch.log2(base), _EPS_LOG2[x.dtype], -math.inf)
-        power = power.mul_(t.ge).exp2_()
-        loss = torch.mul(power, pm)
+        power = F.threshold_(base.log2_(), _EPS_LOG2[x.dtype], -math.inf)
+        power = _affine_(power, k.ge, t.lna).exp2_()  # na (p p_m)^g: na costs no pass here
+        loss = pm.mul_(power)  # p_m is not needed after this
     else:  # p_m = p; the power p^(2g) or p^g is 2^(ge log2 p), so p^2 cannot underflow
-        power = torch.log2(p).mul_(t.ge).exp2_()
+        power = _affine_(torch.log2(p), k.ge, t.lna).exp2_()
         loss = torch.mul(power, p)
     if not need_grad:
         if st.hill:
             loss.mul_(torch.sub(t.lam, p))
         return loss, None
-    # d loss / dx / na = (1 - p) power (p_m + nc)   [reference with clip]
-    #                  = (1 - p) power p            [single with clip; without clip p_m = p]
+    # d loss / dx = (1 - p) power (p_m + nc)   [reference with clip]
+    #             = (1 - p) power p            [single with clip; without clip p_m = p]
+    # (power carries na). power is not needed after v, so v and the gradient reuse its buffer.
     if st.clipped and st.reference:
-        v = _add_scaled(loss, k.nc, power)
+        v = _add_scaled(loss, k.nc, power, out=power)
     elif st.clipped:
         v = power.mul_(p)
     else:
         v = loss
-    grad = torch.addcmul(v, v, p, value=-1.0)
+    grad = torch.addcmul(v, v, p, value=-1.0) if v is loss else _addcmul_(v, p)
     if st.hill:  # d/dx [l (lam - p)] = dl/dx (lam - p) - l p (1 - p)
         lam_p = torch.sub(t.lam, p)
         lp = torch.mul(loss, p)
@@ -236,8 +253,7 @@ def _entry(kernel, x, target, kt, st, need_grad):
     k = Consts(*kt.unbind(0))
     eps = torch.full((), 2.0 ** _EPS_LOG2[x.dtype], dtype=x.dtype, device=x.device)
     t = Operands(m=k.m, one=torch.ones_like(eps), one_m=1 + k.m, ge=k.ge, lam=k.lam, pg=k.pg,
-                 plogc=k.plogc, npc=k.npc, npc_npr=k.npc + k.npr, eps=eps, beta=k.beta,
-                 na=k.na)
+                 plogc=k.plogc, npc=k.npc, npc_npr=k.npc + k.npr, eps=eps, hk=k.hk, lna=k.lna)
     return kernel(x, target, k, t, st, need_grad)
 
 
