@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -100,15 +101,39 @@ def open_storage(url: str, workers: WorkersConfig | None = None) -> BaseStorage:
             "pool_size": 2,
             "max_overflow": 2,
             "pool_recycle": 600,
-            "connect_args": {"connect_timeout": 10},
+            "connect_args": _PG_CONNECT_ARGS,
         }
-        # Optuna's table creation races when many processes meet an empty database.
-        with _postgres_lock(url, "alpa-tune:schema"):
-            return RDBStorage(driver_url(url), engine_kwargs=engine_kwargs, **heartbeat)
+        for attempt in range(_TRANSIENT_RETRIES + 1):
+            try:
+                # Optuna's table creation races when many processes meet an empty database.
+                with _postgres_lock(url, "alpa-tune:schema"):
+                    return RDBStorage(driver_url(url), engine_kwargs=engine_kwargs, **heartbeat)
+            except Exception as exc:  # noqa: BLE001
+                # A worker starting while the server restarts or drops sessions waits a little;
+                # a wrong password or a missing database fails at once.
+                if attempt == _TRANSIENT_RETRIES or not _is_transient(exc):
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all become one masked line
         raise StorageError(f"cannot open storage {mask_url(url)}: {_reason(exc, url)}") from None
+
+
+# TCP keepalives: a connection whose server or network vanished errors out within about a
+# minute instead of blocking a worker (or the study lock) forever.
+_PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                    "keepalives_interval": 10, "keepalives_count": 3}
+_TRANSIENT_RETRIES = 4
+_TRANSIENT_MARKERS = ("server closed the connection", "terminating connection", "connection already closed",
+                      "could not receive data", "the database system is starting up",
+                      "the database system is shutting down", "SSL SYSCALL error")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", None) or exc)
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
 def _reason(exc: BaseException, url: str) -> str:
@@ -150,68 +175,81 @@ def _open_journal(url: str) -> BaseStorage:
 
 
 @contextlib.contextmanager
-def study_lock(url: str, study_name: str) -> Iterator[None]:
+def study_lock(url: str, study_name: str) -> Iterator[Any]:
     """Cross-process critical section for one study (count-and-ask, seeding).
 
     PostgreSQL: a session advisory lock (works across machines, released by the server if
-    the holder dies). SQLite and journal files: an flock beside the file (one host).
+    the holder dies); yields the locked connection, which may run queries of its own.
+    SQLite and journal files: an flock beside the file (one host); yields None.
     """
     scheme = scheme_of(url)
     if scheme == "postgresql":
-        with _postgres_lock(url, f"alpa-tune:study:{study_name}"):
-            yield
+        with _postgres_lock(url, f"alpa-tune:study:{study_name}") as connection:
+            yield connection
         return
     path = sqlite_path(url) if scheme == "sqlite" else _journal_path(url)
     if path is None:  # in-memory SQLite: one process, nothing to guard
-        yield
+        yield None
         return
     # Not "{path}.lock": Optuna's journal backend uses that name for its own lock.
     with open(f"{path}.alpa-tune-lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-_lock_engines: dict[str, Any] = {}
+# One autocommit connection per URL, kept for the process's life: taking the lock then costs
+# two round trips (lock, unlock) instead of a pool checkout, a ping and a reset as well.
+_lock_connections: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def _postgres_lock(url: str, name: str) -> Iterator[None]:
+def _postgres_lock(url: str, name: str) -> Iterator[Any]:
     import sqlalchemy
 
-    engine = _lock_engines.get(url)
-    if engine is None:
-        engine = sqlalchemy.create_engine(driver_url(url), pool_pre_ping=True, pool_size=1, max_overflow=1,
-                                          connect_args={"connect_timeout": 10})
-        _lock_engines[url] = engine
     key = zlib.crc32(name.encode()) - 2**31  # a stable signed 32-bit key
-    connection = engine.connect()
+    connection = _lock_connections.get(url)
+    if connection is None or connection.closed or connection.invalidated:
+        engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args=_PG_CONNECT_ARGS)
+        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        _lock_connections[url] = connection
     try:
         connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):  # a dead connection already released the lock
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    except sqlalchemy.exc.DBAPIError:
+        _drop_lock_connection(url)  # killed by the server or the network: reconnect next time
+        raise
+    try:
+        yield connection
     finally:
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        except sqlalchemy.exc.DBAPIError:
+            _drop_lock_connection(url)  # a dead session's locks are already released
+
+
+def _drop_lock_connection(url: str) -> None:
+    connection = _lock_connections.pop(url, None)
+    if connection is not None:
         with contextlib.suppress(Exception):
+            connection.invalidate()
             connection.close()
 
 
-def count_trial_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int]:
-    """Trials per state. On an RDB one GROUP BY query, not a load of every trial (it runs per trial)."""
+def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = None) -> dict[TrialState, int]:
+    """Trials per state. On an RDB one GROUP BY query, not a load of every trial (it runs per
+    trial); ``connection`` (the study lock's) saves a pool checkout."""
     counts = {state: 0 for state in TrialState}
     if isinstance(storage, RDBStorage):
         import sqlalchemy
 
-        with storage.engine.connect() as connection:
-            rows = connection.execute(
-                sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state"),
-                {"study": study_id},
-            )
-            for state, count in rows:
+        query = sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state")
+        with contextlib.ExitStack() as stack:
+            if connection is None:
+                connection = stack.enter_context(storage.engine.connect())
+            for state, count in connection.execute(query, {"study": study_id}):
                 counts[TrialState[state]] = count
         return counts
     for trial in storage.get_all_trials(study_id, deepcopy=False):

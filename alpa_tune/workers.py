@@ -205,6 +205,7 @@ class _BudgetGate:
         self.url = url
         self._budget: int | None = None
         self._budget_read_at = 0.0
+        self._connection = None  # the study lock's connection while it is held (PostgreSQL)
 
     def _read_budget(self, force: bool) -> int:
         if force or self._budget is None or time.monotonic() - self._budget_read_at > self.BUDGET_REFRESH_SECONDS:
@@ -213,12 +214,12 @@ class _BudgetGate:
         return self._budget
 
     def _counts(self) -> dict[TrialState, int]:
-        return count_trial_states(self.study._storage, self.study._study_id)
+        return count_trial_states(self.study._storage, self.study._study_id, self._connection)
 
     def next_trial(self, make_objective: ObjectiveFactory) -> tuple[str, int | None]:
         """("done" | "wait" | "ran", id of our trial if it FAILed)."""
         lock = contextlib.ExitStack()
-        lock.enter_context(study_lock(self.url, self.study.study_name))
+        self._connection = lock.enter_context(study_lock(self.url, self.study.study_name))
         try:
             counts = self._counts()
             if finished(counts) + counts[TrialState.RUNNING] >= self._read_budget(force=False):

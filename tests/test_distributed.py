@@ -39,8 +39,17 @@ def _running_trial_of(url: str, pid: int) -> optuna.trial.FrozenTrial | None:
     return None
 
 
-def _finish(workers: list[subprocess.Popen], timeout: float = 600) -> list[int]:
-    return [w.wait(timeout=timeout) for w in workers]
+def _finish(workers: list[subprocess.Popen], timeout: float = 600) -> list[int | None]:
+    """Exit codes; a worker still running after ``timeout`` is killed and reported as None."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for worker in workers:
+        try:
+            codes.append(worker.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            codes.append(None)
+    return codes
 
 
 def _logs(paths: list[Path]) -> str:
