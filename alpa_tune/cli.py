@@ -67,7 +67,7 @@ def run(
     url = _url(storage)
     _check_writable(out)
     _prepare_data(config)
-    study = create_study(config, url, budget=trials)
+    create_study(config, url, budget=trials)
     console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
     local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
     code = _launch(config.name, url, gpus, workers if gpus else 1, workers, local, out)
