@@ -333,19 +333,18 @@ def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_worke
 
 
 def _finish(study_name: str, url: str, best_path: Path) -> None:
-    from alpa_tune.export import ExportError, ranked_trials, trial_record, write_records
+    from alpa_tune.export import ExportError, study_records, write_records
     from alpa_tune.workers import load_study
 
-    study = load_study(study_name, url)
     try:
-        best = ranked_trials(study, 1)[0]
+        records = study_records(load_study(study_name, url), 1)
     except ExportError as exc:
         err_console.print(str(exc))
         return
-    record = trial_record(study, best)
-    write_records([record], best_path)
+    record = records[0]
+    write_records(records, best_path)
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["params"].items())
-    console.print(f"best trial {best.number}: balanced accuracy {best.value:.4f}\n  {params}\nwrote {best_path}")
+    console.print(f"best trial {record['trial']}: balanced accuracy {record['value']:.4f}\n  {params}\nwrote {best_path}")
 
 
 def _prepare_data(config) -> None:

@@ -22,10 +22,10 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from alpa_tune import __version__
-from alpa_tune.search import loss_spec, stored_config
+from alpa_tune.search import loss_spec, ranked_complete_trials, stored_config
 from alpa_tune.storage import mask_text
 
 FORMATS = ("json", "toml", "python")
@@ -43,11 +43,10 @@ class ExportError(ValueError):
 
 def ranked_trials(study: optuna.Study, top: int = 1) -> list[FrozenTrial]:
     """The ``top`` completed trials, best first (ties: the earlier trial)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    if not complete:
+    ranked = ranked_complete_trials(study)
+    if not ranked:
         raise ExportError(f"study {study.study_name!r} has no completed trial yet")
-    return sorted(complete, key=lambda t: (-t.value, t.number))[:top]
+    return ranked[:top]
 
 
 def trial_record(study: optuna.Study, trial: FrozenTrial, rank: int = 1) -> dict[str, Any]:

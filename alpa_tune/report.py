@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from alpa_tune import __version__
+from alpa_tune.search import ranked_complete_trials
 
 SLICE_PARAMS = ("alpha", "beta", "gamma_pos", "gamma_neg")
 # Below this, importance estimates are noise (with one trial optuna splits them evenly).
@@ -31,10 +31,10 @@ class ReportError(ValueError):
 def build_report(study: optuna.Study) -> str:
     """The report's HTML text. Needs at least one completed trial."""
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    complete = ranked_complete_trials(study)  # best first
     if not complete:
         raise ReportError(f"study {study.study_name!r} has no completed trial yet; nothing to report")
-    best = max(complete, key=lambda t: (t.value, -t.number))
+    best = complete[0]
     page = _Page()
     page.section("Optimisation history", "Each completed trial's mean fold balanced accuracy, and the best so far.",
                  lambda: _optuna_plot("plot_optimization_history", study, target_name="balanced accuracy"))
@@ -190,8 +190,8 @@ def _header(study: optuna.Study, trials: list[FrozenTrial], complete: list[Froze
             + _top_trials(complete) + _config_block(study))
 
 
-def _top_trials(complete: list[FrozenTrial], limit: int = 10) -> str:
-    ranked = sorted(complete, key=lambda t: (-t.value, t.number))[:limit]
+def _top_trials(ranked_complete: list[FrozenTrial], limit: int = 10) -> str:
+    ranked = ranked_complete[:limit]
     names = [p for p in (*SLICE_PARAMS, "variant") if any(p in t.params for t in ranked)]
 
     def shown(value: Any) -> str:

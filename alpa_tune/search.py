@@ -137,6 +137,13 @@ def stored_config(study: optuna.Study) -> StudyConfig:
     return config_from_dict(raw)
 
 
+def ranked_complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials with a finite value, best first (ties: the earlier trial)."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    return sorted(complete, key=lambda t: (-t.value, t.number))
+
+
 def study_budget(study: optuna.Study) -> int:
     attrs = study.user_attrs
     return int(attrs[BUDGET_ATTR]) if BUDGET_ATTR in attrs else stored_config(study).search.n_trials

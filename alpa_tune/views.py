@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 from rich.table import Table
 from rich.text import Text
 
-from alpa_tune.search import study_budget
+from alpa_tune.search import ranked_complete_trials, study_budget
 from alpa_tune.storage import count_trial_states
 
 
@@ -24,8 +24,8 @@ def study_line(study: optuna.Study) -> str:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return max(complete, key=lambda t: t.value) if complete else None
+    ranked = ranked_complete_trials(study)
+    return ranked[0] if ranked else None
 
 
 def workers_table(study: optuna.Study, slots: list) -> Table:
