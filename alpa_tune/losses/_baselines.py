@@ -86,10 +86,8 @@ def _sigmoid_focal(x: torch.Tensor, y: torch.Tensor, gamma: float,
     return y * pos + (1 - y) * neg
 
 
-class BCELoss(_Baseline):
-    """Binary cross-entropy on sigmoid outputs against one-hot targets (C independent binaries)."""
-
-    name = "bce"
+class _ReductionOnly(_Baseline):
+    """A parameter-free baseline: `reduction` is its only setting."""
 
     def __init__(self, reduction: str = "sum") -> None:
         super().__init__()
@@ -98,24 +96,22 @@ class BCELoss(_Baseline):
     def _validate(self, params: dict[str, Any]) -> dict[str, Any]:
         self._reduction(params)
         return params
+
+
+class BCELoss(_ReductionOnly):
+    """Binary cross-entropy on sigmoid outputs against one-hot targets (C independent binaries)."""
+
+    name = "bce"
 
     def _total(self, x, target, is_index):
         return F.binary_cross_entropy_with_logits(x, self._dense_target(x, target, is_index),
                                                   reduction="sum")
 
 
-class CELoss(_Baseline):
+class CELoss(_ReductionOnly):
     """Softmax cross-entropy (float targets: -sum_j y_j log softmax_j per sample)."""
 
     name = "ce"
-
-    def __init__(self, reduction: str = "sum") -> None:
-        super().__init__()
-        self._configure(dict(reduction=reduction))
-
-    def _validate(self, params: dict[str, Any]) -> dict[str, Any]:
-        self._reduction(params)
-        return params
 
     def _total(self, x, target, is_index):
         return _softmax_ce(x, target, is_index).sum()
