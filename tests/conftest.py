@@ -121,49 +121,28 @@ def pg_url(pg_server: str) -> str:
 def pg_password_server() -> str:
     """A private PostgreSQL that checks passwords (the shared one trusts everyone).
 
-    Started from the installed server binaries as the postgres user; yields a URL whose
-    password is right (alice:right-pw). Stopped at the end of the session.
+    Yields a URL whose password is right (alice:right-pw). Stopped at the end of the session.
     """
-    import glob
-    import shutil
-    import socket
+    from pgserver import PrivateServer
 
-    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not binaries:
-        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    bin_dir = binaries[-1]
-    import tempfile
-
-    # Outside pytest's root-only temp tree: the server runs as the postgres user.
-    folder = Path(tempfile.mkdtemp(prefix="alpa-tune-pg-"))
-    data = folder / "data"
-    password_file = folder / "pw"
-    password_file.write_text("admin-pw\n")
-    shutil.chown(folder, "postgres")
-    shutil.chown(password_file, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def as_postgres(*command: str) -> None:
-        done = subprocess.run(["runuser", "-u", "postgres", "--", *command], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            pytest.fail(f"{command[0]} failed: {done.stderr.strip()}")
-
-    as_postgres(f"{bin_dir}/initdb", "-D", str(data), "--auth=scram-sha-256", "-U", "postgres",
-                f"--pwfile={password_file}")
-    as_postgres(f"{bin_dir}/pg_ctl", "-D", str(data), "-w", "-l", str(folder / "log"),
-                "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
     try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(f"postgresql+psycopg2://postgres:admin-pw@127.0.0.1:{port}/postgres",
-                                          isolation_level="AUTOCOMMIT")
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("CREATE ROLE alice LOGIN PASSWORD 'right-pw'"))
-            connection.execute(sqlalchemy.text("CREATE DATABASE alpa OWNER alice"))
-        engine.dispose()
-        yield f"postgresql://alice:right-pw@127.0.0.1:{port}/alpa"
+        server = PrivateServer(password="admin-pw")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        server.execute("CREATE ROLE alice LOGIN PASSWORD 'right-pw'", "CREATE DATABASE alpa OWNER alice")
+        yield f"postgresql://alice:right-pw@127.0.0.1:{server.port}/alpa"
     finally:
-        as_postgres(f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+        server.close()
+
+
+@pytest.fixture
+def private_pg():
+    """A private trust-auth PostgreSQL that a test may stop and start (same port, same data)."""
+    from pgserver import PrivateServer
+
+    server = PrivateServer()
+    try:
+        yield server
+    finally:
+        server.close()
