@@ -170,6 +170,8 @@ class Objective:
         params = suggest(trial, config.search)
         name, kwargs = loss_spec(params, config.search.space)
         trial.set_user_attr("worker", worker_id())
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):  # which array task ran it, as squeue and scancel name it
+            trial.set_user_attr("slurm_task", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
         trial.set_user_attr("loss", {"name": name, "params": kwargs})
         by_epoch = config.search.report == "epoch"
         wilcoxon = config.search.pruner == "wilcoxon"
