@@ -45,9 +45,13 @@ def reuse_cpu_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <<
     return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
 
 
-def to_float(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], contiguous (NCHW: what grid_sample reads fastest)."""
-    return batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
+def to_float(batch: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], in ``memory_format``.
+
+    NCHW by default; channels_last costs nothing extra (the permuted uint8 batch already has
+    that layout).
+    """
+    return batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=memory_format).mul_(1 / 255)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -55,16 +59,24 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return _normalize_(images.clone())
 
 
-def _normalize_(images: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
-    """In place, for images in [0, peak]: (x / peak - mean) / std as one multiply and one add."""
+def _normalize_(images: torch.Tensor, peak: float = 1.0,
+                memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """For images in [0, peak]: (x / peak - mean) / std as one multiply and one add, in place.
+
+    If ``memory_format`` asks for another layout, the multiply writes a new tensor in that
+    layout instead: the conversion rides on a pass made anyway, and the values are the same.
+    """
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    if memory_format is not None and not images.is_contiguous(memory_format=memory_format):
+        out = torch.empty_like(images, memory_format=memory_format)
+        return torch.mul(images, 1 / (peak * std), out=out).add_(-mean / std)
     return images.mul_(1 / (peak * std)).add_(-mean / std)
 
 
-def eval_transform(batch: torch.Tensor) -> torch.Tensor:
-    """Validation: scale and normalise only."""
-    return _normalize_(to_float(batch))
+def eval_transform(batch: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Validation: scale and normalise only; the result in ``memory_format`` (channels_last for such a model)."""
+    return _normalize_(to_float(batch, memory_format))
 
 
 def train_transform(
@@ -78,22 +90,24 @@ def train_transform(
     erase_p: float = 0.5,
     erase_scale: tuple[float, float] = (0.02, 0.33),
     erase_ratio: tuple[float, float] = (0.3, 3.3),
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """Training: uint8 (B, H, W, 3) -> augmented, normalised float (B, 3, H, W).
+    """Training: uint8 (B, H, W, 3) -> augmented, normalised float (B, 3, H, W) in ``memory_format``.
 
     Defaults are torchvision's for each transform; rotation is always applied, uniformly in
     +-max_rotation degrees, with black fill (as RandomRotation). ``generator`` must live on
-    ``batch.device``.
+    ``batch.device``. The values do not depend on ``memory_format``.
     """
     if batch.shape[0] == 0:
-        return eval_transform(batch)
+        return eval_transform(batch, memory_format)
     # Values stay in [0, 255] until normalisation (every step before it is linear or clamps),
-    # which saves a pass over the batch.
+    # which saves a pass over the batch. NCHW until then: what grid_sample reads fastest (and
+    # writes anyway); normalisation writes the layout asked for.
     images = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     images = flip_and_rotate(images, generator, flip_p=flip_p, max_rotation=max_rotation)
     if sharpness_p > 0:
         _sharpen_(images, generator, factor=sharpness, p=sharpness_p, peak=255.0)
-    _normalize_(images, peak=255.0)
+    images = _normalize_(images, peak=255.0, memory_format=memory_format)
     if erase_p > 0:
         _erase_(images, generator, p=erase_p, scale=erase_scale, ratio=erase_ratio)
     return images

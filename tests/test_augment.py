@@ -100,6 +100,25 @@ def test_gpu_code_paths_equal_the_cpu_ones() -> None:
         assert torch.equal(sliced, masked) and not torch.equal(sliced, images)
 
 
+def test_channels_last_output_has_the_same_values() -> None:
+    # A channels_last model gets its batches in that layout (no conversion in its first layer).
+    x = batch(6, 20, 17)
+    cl = torch.channels_last
+    for seed in range(2):
+        out = train_transform(x, gen(seed), memory_format=cl)
+        assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+        assert torch.equal(out, train_transform(x, gen(seed)))
+    assert torch.equal(train_transform(x, gen(), **OFF, memory_format=cl), train_transform(x, gen(), **OFF))
+    out = eval_transform(x, memory_format=cl)
+    assert out.is_contiguous(memory_format=cl) and torch.equal(out, eval_transform(x))
+    assert train_transform(batch(0), gen(), memory_format=cl).shape == (0, 3, 24, 24)
+    # The GPU's one-mask erasing works on that layout too.
+    images = augment.to_float(x)
+    masked = augment._erase_(images.contiguous(memory_format=cl), gen(1), p=1.0, per_sample=False)
+    assert masked.is_contiguous(memory_format=cl)
+    assert torch.equal(masked, augment._erase_(images.clone(), gen(1), p=1.0, per_sample=True))
+
+
 def test_erasing_cuts_one_box_per_sample() -> None:
     x = torch.full((64, 32, 32, 3), 200, dtype=torch.uint8)
     out = train_transform(x, gen(), **{**OFF, "erase_p": 1.0})
