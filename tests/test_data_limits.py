@@ -1,0 +1,143 @@
+"""What the machine can hold: readable sizes, bounded image and batch sizes, memory, a full disk
+under the cache (a real, small tmpfs), and duplicate CSV ids; each bad input is one ``error:`` line."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alpa_tune.config import DataConfig
+from alpa_tune.data import DataError, cache, format_bytes, load_dataset
+
+real_disk_usage = shutil.disk_usage  # some tests patch shutil's
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (13_824, "13.8 KB"), (2_097_152, "2.1 MB"),
+     (73_728_128, "73.7 MB"), (23_720_000_000_000, "23.7 TB")],
+)
+def test_format_bytes_picks_the_readable_unit(count: int, text: str) -> None:
+    assert format_bytes(count) == text
+
+
+# --- a full disk under the cache: a real tmpfs ------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "2m") -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {(done.stderr or done.stdout).strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # still open somewhere
+
+
+def write_tree(root: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(count // 2):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+
+
+def fill_up(folder: Path, leave: int = 0) -> Path:
+    """Another writer takes the space: a file grows until ``leave`` bytes (or nothing) are free."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while real_disk_usage(folder).free > leave:
+            try:
+                os.write(fd, b"\xff" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def not_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix not in (".npy", ".json", ".lock", ".verified"))
+
+
+def test_cache_larger_than_its_disk_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tree(tmp_path / "d", 60)
+    monkeypatch.setattr(cache, "decode_image", lambda *_a: pytest.fail("decoded although the disk is too small"))
+    with small_tmpfs(tmp_path / "mnt") as mnt:
+        with pytest.raises(DataError) as caught:
+            load_dataset(DataConfig(source="folder", path=str(tmp_path / "d"), image_size=128, cache_dir=str(mnt)))
+        assert str(caught.value) == (
+            f"data.cache_dir: {mnt} has 2.1 MB free but the decoded images need 2.9 MB "
+            "(60 images of 3 x 128 x 128 bytes) plus 64.0 MB to spare; point data.cache_dir at a larger disk"
+        )
+        assert not_entries(mnt) == []
+
+
+def test_disk_filling_up_during_the_build_is_a_clear_error_and_spares_other_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache, "_SPARE_BYTES", 0)  # a 2 MB disk could hold nothing with 64 MB to spare
+    write_tree(tmp_path / "small", 6)
+    write_tree(tmp_path / "big", 40)
+    with small_tmpfs(tmp_path / "mnt") as mnt:
+        small = DataConfig(source="folder", path=str(tmp_path / "small"), image_size=16, cache_dir=str(mnt))
+        big = DataConfig(source="folder", path=str(tmp_path / "big"), image_size=32, cache_dir=str(mnt))
+        kept = np.asarray(load_dataset(small).images).copy()
+        before = {p.name: p.read_bytes() for p in mnt.iterdir() if p.suffix in (".npy", ".json")}
+
+        # The free-space check passes, then another writer takes the space before the images are written.
+        real_usage = real_disk_usage
+        filler: list[Path] = []
+
+        def usage_then_fill(path: os.PathLike[str] | str) -> object:
+            result = real_usage(path)
+            if not filler:
+                filler.append(fill_up(mnt, leave=50_000))  # 123 KB of images will not fit
+            return result
+
+        monkeypatch.setattr(cache.shutil, "disk_usage", usage_then_fill)
+        with pytest.raises(DataError) as caught:
+            load_dataset(big)
+        monkeypatch.setattr(cache.shutil, "disk_usage", real_usage)
+        free = format_bytes(real_usage(mnt).free)
+        assert str(caught.value) == (
+            f"data.cache_dir: {mnt} is full ({free} free) while writing the 122.9 KB of decoded images; "
+            "free space there or point data.cache_dir at a larger disk"
+        )
+        assert not_entries(mnt) == ["filler"]  # no temporary file left behind
+        assert {p.name: p.read_bytes() for p in mnt.iterdir() if p.suffix in (".npy", ".json")} == before
+        lines: list[str] = []
+        np.testing.assert_array_equal(load_dataset(small, log=lines.append, verify="full").images, kept)
+        assert lines == []
+
+        filler[0].unlink()  # room again: the same build now succeeds
+        assert load_dataset(big).images.shape == (40, 32, 32, 3)
+
+
+def test_disk_full_when_writing_the_metadata_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "_SPARE_BYTES", 0)
+    with small_tmpfs(tmp_path / "mnt") as mnt:
+
+        def fill(out: np.ndarray, _progress: object) -> None:
+            out[:] = 7
+            fill_up(mnt)  # the disk fills while the images are decoded: the metadata has no room
+
+        plan = cache.CachePlan(count=10, size=16, fill=fill, meta={"labels": list(range(10))})
+        with pytest.raises(DataError, match=rf"^data.cache_dir: {mnt} is full \(0 B free\) while writing the 7.7 KB"):
+            cache.load_or_build(mnt, "k", lambda: plan)
+        assert not_entries(mnt) == ["filler"] and not (mnt / "k.npy").exists() and not (mnt / "k.json").exists()
