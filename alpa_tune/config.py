@@ -272,9 +272,15 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
+# What one machine can hold: a decoded image takes 3 x size² bytes (in the cache or in memory)
+# and one batch of float32 inputs 12 x batch x size² bytes before any activation.
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH_BYTES = 4 * 10**9
+
+
 def _validate(c: StudyConfig) -> None:
     # Imported here so that a plain config check does not pay for torch/timm at import time.
-    from alpa_tune.data import available_sources
+    from alpa_tune.data import available_sources, format_bytes
     from alpa_tune.models import backbone_exists
 
     if not c.name or not all(ch.isalnum() or ch in "-_." for ch in c.name):
@@ -283,6 +289,11 @@ def _validate(c: StudyConfig) -> None:
     d = c.data
     _one_of("data.source", d.source, available_sources())
     _at_least("data.image_size", d.image_size, 8)
+    if d.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"data.image_size: at most {MAX_IMAGE_SIZE} px, got {d.image_size} (a decoded image takes 3 x size² "
+            f"bytes, {format_bytes(3 * d.image_size**2)} at {d.image_size} px, kept for every image; the paper uses 256)"
+        )
     if d.imbalance_ratio < 1:
         raise ConfigError(f"data.imbalance_ratio: must be >= 1, got {d.imbalance_ratio}")
     _at_least("data.num_classes", d.num_classes, 2)
@@ -297,6 +308,14 @@ def _validate(c: StudyConfig) -> None:
     _at_least("training.folds", t.folds, 2)
     _at_least("training.epochs", t.epochs, 1)
     _at_least("training.batch_size", t.batch_size, 1)
+    batch_bytes = 12 * t.batch_size * d.image_size**2
+    if batch_bytes > MAX_BATCH_BYTES:
+        raise ConfigError(
+            f"training.batch_size: at most {MAX_BATCH_BYTES // (12 * d.image_size**2):,} at data.image_size "
+            f"{d.image_size}, got {t.batch_size:,} (one batch of float32 inputs, batch x 3 x {d.image_size}² x 4 "
+            f"bytes, would take {format_bytes(batch_bytes)}, over the {format_bytes(MAX_BATCH_BYTES)} bound, "
+            f"before any activation)"
+        )
     if t.lr <= 0:
         raise ConfigError(f"training.lr: must be > 0, got {t.lr}")
     _at_least("training.weight_decay", t.weight_decay, 0)

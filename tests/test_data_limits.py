@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli, write_config
 from PIL import Image
 
-from alpa_tune.config import DataConfig
+from alpa_tune.config import ConfigError, DataConfig, load_config
 from alpa_tune.data import DataError, cache, format_bytes, load_dataset
 
 real_disk_usage = shutil.disk_usage  # some tests patch shutil's
@@ -28,6 +29,45 @@ real_disk_usage = shutil.disk_usage  # some tests patch shutil's
 )
 def test_format_bytes_picks_the_readable_unit(count: int, text: str) -> None:
     assert format_bytes(count) == text
+
+
+# --- image and batch sizes -----------------------------------------------------------------------
+
+
+def test_absurd_image_size_is_refused_with_its_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path), ["data.image_size=100000"])
+    assert str(caught.value) == (
+        "data.image_size: at most 1024 px, got 100000 (a decoded image takes 3 x size² bytes, 30.0 GB at "
+        "100000 px, kept for every image; the paper uses 256)"
+    )
+    assert load_config(write_config(tmp_path), ["data.image_size=1024"]).data.image_size == 1024
+
+
+def test_batch_whose_inputs_alone_exceed_the_bound_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path), ["data.image_size=1024", "training.batch_size=5000"])
+    assert str(caught.value) == (
+        "training.batch_size: at most 317 at data.image_size 1024, got 5,000 (one batch of float32 inputs, "
+        "batch x 3 x 1024² x 4 bytes, would take 62.9 GB, over the 4.0 GB bound, before any activation)"
+    )
+    assert load_config(write_config(tmp_path), ["data.image_size=1024", "training.batch_size=317"])
+
+
+def test_in_memory_source_larger_than_memory_is_refused_before_allocating() -> None:
+    # 10^9 synthetic images would need terabytes: refused at once, nothing generated.
+    with pytest.raises(DataError, match=r"^data: 1,000,000,001 synthetic images of 32 x 32 px \(held in memory\) "
+                       r"need about 16\.4 TB of memory but this machine has .* available; lower data.image_size "
+                       r"or data.num_samples$"):
+        load_dataset(DataConfig(source="synthetic", num_samples=10**9))
+
+
+def test_cli_image_size_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    done = cli("run", str(write_config(tmp_path)), "--set", "data.image_size=100000", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: data.image_size: at most 1024 px, got 100000")
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert not (tmp_path / "alpa-tune.db").exists()
 
 
 # --- a full disk under the cache: a real tmpfs ------------------------------------------------

@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
+
+from alpa_tune.data._types import DataError
 
 _UNITS = ("KB", "MB", "GB", "TB", "PB", "EB")
 
@@ -22,6 +25,37 @@ def format_bytes(count: float) -> str:
         if abs(value) < 999.95 or unit == _UNITS[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping: MemAvailable, capped by a cgroup
+    (container) limit; ``None`` where neither can be read (not Linux)."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: the container's limit minus what it already uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(need: int, what: str, hint: str) -> None:
+    """Refuse, before allocating, data that cannot fit in the memory this machine has available."""
+    room = available_memory()
+    if room is not None and need > room:
+        raise DataError(
+            f"data: {what} need about {format_bytes(need)} of memory but this machine has {format_bytes(room)} "
+            f"available; {hint}"
+        )
 
 
 def is_disk_full(exc: OSError) -> bool:

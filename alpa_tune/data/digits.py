@@ -8,7 +8,7 @@ import numpy as np
 
 from alpa_tune.config import DataConfig
 from alpa_tune.data import register_source
-from alpa_tune.data._longtail import long_tail_counts, resize_rgb
+from alpa_tune.data._longtail import check_room, long_tail_counts, resize_rgb
 from alpa_tune.data._types import ImageDataset, ProgressFn
 
 
@@ -26,6 +26,7 @@ def load_digits_lt(cfg: DataConfig, progress: ProgressFn | None = None) -> Image
     rng = np.random.default_rng(0)
     keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(counts)])
     keep.sort()
+    check_room("digits-lt", len(keep), cfg.image_size, 2 * 8 * 8 * 8, "lower data.image_size")
     images = resize_rgb(digits.images[keep] / 16.0, cfg.image_size)
     if progress:
         progress(len(keep), len(keep))

@@ -8,7 +8,7 @@ import numpy as np
 
 from alpa_tune.config import DataConfig
 from alpa_tune.data import register_source
-from alpa_tune.data._longtail import long_tail_counts, resize_rgb
+from alpa_tune.data._longtail import check_room, long_tail_counts, resize_rgb
 from alpa_tune.data._types import ImageDataset, ProgressFn
 
 
@@ -22,6 +22,8 @@ def load_synthetic(cfg: DataConfig, progress: ProgressFn | None = None) -> Image
         weights = sum(cfg.imbalance_ratio ** (-c / (num_classes - 1)) for c in range(num_classes))
         n_max = max(1, round(cfg.num_samples / weights))
     counts = long_tail_counts(n_max, num_classes, cfg.imbalance_ratio)
+    count_key = "data.num_samples" if cfg.num_samples is not None else "data.samples_per_class"
+    check_room("synthetic", sum(counts), cfg.image_size, 2 * 16 * 16 * 8, f"lower data.image_size or {count_key}")
     rng = np.random.default_rng(1234)
     grid = int(np.ceil(np.sqrt(num_classes)))
     base = 16
