@@ -70,6 +70,65 @@ def test_cli_image_size_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "alpa-tune.db").exists()
 
 
+# --- duplicate CSV ids ---------------------------------------------------------------------------
+
+
+def write_csv(root: Path, rows: list[str]) -> Path:
+    (root / "train_images").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(root / "train_images" / f"img{i}.png")
+    table = root / "train.csv"
+    table.write_text("\n".join(["id_code,diagnosis", *rows]) + "\n", encoding="utf-8")
+    return table
+
+
+def csv_cfg(table: Path, tmp_path: Path) -> DataConfig:
+    return DataConfig(source="csv", path=str(table), image_size=16, cache_dir=str(tmp_path / "cache"))
+
+
+def test_duplicate_id_is_refused_naming_the_first_repeat_and_both_lines(tmp_path: Path) -> None:
+    rows = ["img0,0", "img1,1", "img2,0", "img1,0", "img3,1", "img2,1"]  # img1 at lines 3 and 5, under two labels
+    table = write_csv(tmp_path, rows)
+    with pytest.raises(DataError) as caught:
+        load_dataset(csv_cfg(table, tmp_path))
+    assert str(caught.value) == f"{table} line 5: id_code 'img1' repeats line 3 (each image must appear once)"
+    assert not (tmp_path / "cache").exists()  # refused before any decoding
+
+
+def test_two_ids_naming_one_file_are_refused(tmp_path: Path) -> None:
+    table = write_csv(tmp_path, ["img0,0", "img1,1", "img1.png,0", "img2,1"])
+    with pytest.raises(DataError) as caught:
+        load_dataset(csv_cfg(table, tmp_path))
+    assert str(caught.value) == (
+        f"{table} line 4: 'img1.png' names the image img1.png of line 3 again (each image must appear once)"
+    )
+
+
+def test_cli_duplicate_ids_are_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    table = write_csv(tmp_path, ["img0,0", "img1,1", "img0,1", "img2,0"])
+    config = tmp_path / "dup.toml"
+    config.write_text(
+        write_config(tmp_path).read_text()
+        .replace('source = "synthetic"', f'source = "csv"\npath = "{table}"\ncache_dir = "{tmp_path / "cache"}"')
+    )
+    done = cli("run", str(config), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {table} line 4: id_code 'img0' repeats line 2 (each image must appear once)\n"
+
+
+def test_two_class_links_to_one_folder_are_refused(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / "src" / name / "0.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "cat").symlink_to(tmp_path / "src" / "a")
+    (root / "dog").symlink_to(tmp_path / "src" / "b")
+    (root / "kitten").symlink_to(tmp_path / "src" / "a")
+    with pytest.raises(DataError, match=r"^data.path: class folders 'cat' and 'kitten' share images"):
+        load_dataset(DataConfig(source="folder", path=str(root), image_size=16, cache_dir=str(tmp_path / "c")))
+
+
 # --- a full disk under the cache: a real tmpfs ------------------------------------------------
 
 

@@ -70,11 +70,18 @@ def read_table(table: Path, id_column: str, label_column: str) -> tuple[list[str
                     found = ", ".join(columns) if columns else "none"
                     raise DataError(f"{table}: no column {column!r} (columns: {found}); set {key}")
             ids, labels, lines = [], [], []
+            first_line: dict[str, int] = {}
             for row in reader:
                 line = reader.line_num
                 ident, raw = (row.get(id_column) or "").strip(), (row.get(label_column) or "").strip()
                 if not ident:
                     raise DataError(f"{table} line {line}: empty {id_column}")
+                if ident in first_line:  # one image twice, perhaps under two labels
+                    raise DataError(
+                        f"{table} line {line}: {id_column} {ident!r} repeats line {first_line[ident]} "
+                        f"(each image must appear once)"
+                    )
+                first_line[ident] = line
                 ids.append(ident)
                 labels.append(_parse_label(raw, table, line, label_column))
                 lines.append(line)
@@ -138,6 +145,7 @@ def match_files(folder: Path, ids: list[str], lines: list[int], table: Path, ext
     else:
         candidates = IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
     files = []
+    line_of: dict[str, int] = {}
     for row, ident in zip(lines, ids, strict=True):
         name = next((ident + ext for ext in candidates if ident + ext in names), None)
         if name is None and ident in names and ident.lower().endswith(IMAGE_EXTENSIONS):
@@ -145,5 +153,11 @@ def match_files(folder: Path, ids: list[str], lines: list[int], table: Path, ext
         if name is None:
             tried = f"{ident}{candidates[0]}" if extension else f"{ident}.png/.jpg/..."
             raise DataError(f"{table} line {row}: image {tried} for {ident!r} not found in {folder}")
+        if name in line_of:  # two ids for one file: 'abc' and 'abc.png'
+            raise DataError(
+                f"{table} line {row}: {ident!r} names the image {name} of line {line_of[name]} again "
+                f"(each image must appear once)"
+            )
+        line_of[name] = row
         files.append(folder / name)
     return files

@@ -49,6 +49,7 @@ def scan_classes(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
         raise DataError(f"data.path: {root} has no class subfolders (expected {root}/<class name>/<image files>)")
     if len(class_names) < 2:
         raise DataError(f"data.path: {root} has only one class subfolder ({class_names[0]}); at least two are needed")
+    _refuse_shared_folders(root, class_names)
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
@@ -58,3 +59,17 @@ def scan_classes(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
         files.extend(found)
         labels.extend([label] * len(found))
     return class_names, files, np.asarray(labels, dtype=np.int64)
+
+
+def _refuse_shared_folders(root: Path, class_names: list[str]) -> None:
+    """Two class links to one folder (or one inside the other) would put its images under two labels."""
+    seen: dict[Path, str] = {}
+    for name in class_names:
+        real = (root / name).resolve()
+        for other_real, other in seen.items():
+            if real == other_real or other_real in real.parents or real in other_real.parents:
+                raise DataError(
+                    f"data.path: class folders {other!r} and {name!r} share images ({other_real} and {real}); "
+                    f"each image must belong to one class"
+                )
+        seen[real] = name
