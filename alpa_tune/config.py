@@ -108,6 +108,7 @@ class WorkersConfig:
     heartbeat_interval: int = 10
     grace_period: int = 30
     max_retries: int = 2
+    storage_patience: int = 600  # seconds a worker waits out a storage outage before it exits
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,7 @@ def _validate(c: StudyConfig) -> None:
             f"workers.grace_period: must exceed workers.heartbeat_interval ({w.heartbeat_interval}), got {w.grace_period}"
         )
     _at_least("workers.max_retries", w.max_retries, 0)
+    _at_least("workers.storage_patience", w.storage_patience, 1)
 
 
 def _plain(value: Any) -> Any:

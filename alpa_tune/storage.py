@@ -7,10 +7,14 @@ password masking: a URL or error text leaves this module only with its password 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import re
+import shutil
 import sqlite3
+import sys
 import time
 import warnings
 import zlib
@@ -21,9 +25,11 @@ from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from alpa_tune.config import WorkersConfig
+from alpa_tune.units import format_bytes, free_space
 
 # Our own output says what happened; Optuna's info logs and experimental-API warnings are noise to users.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,15 +81,21 @@ def driver_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, workers: WorkersConfig | None = None) -> BaseStorage:
+def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: bool = False) -> BaseStorage:
     """Open (creating the schema once if needed) the Optuna storage behind ``url``.
 
     With ``workers`` the storage runs heartbeats and re-queues the trials of dead workers
-    (``RetryHeartbeatStaleTrialCallback``); read-only commands pass None.
+    (``RetryHeartbeatStaleTrialCallback``). ``read_only`` (list, show, export, dashboard) refuses
+    a SQLite or journal file that does not exist instead of creating an empty one.
     """
     scheme = scheme_of(url)
+    if read_only:
+        path = journal_or_sqlite_path(url)
+        if path is not None and not path.is_file():
+            raise StorageError(f"storage {mask_url(url)}: {path} does not exist (nothing to read; "
+                               "check --storage or $ALPA_TUNE_STORAGE)")
     if scheme == "journal":
-        return _open_journal(url)
+        return _open_journal(url, repair=not read_only)
     heartbeat: dict[str, Any] = {}
     if workers is not None:
         heartbeat = {
@@ -118,6 +130,8 @@ def open_storage(url: str, workers: WorkersConfig | None = None) -> BaseStorage:
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all become one masked line
+        if is_disk_full(exc):
+            raise disk_full_error(url) from None
         raise StorageError(f"cannot open storage {mask_url(url)}: {_reason(exc, url)}") from None
 
 
@@ -160,18 +174,138 @@ def sqlite_path(url: str) -> Path | None:
     return None if rest in ("", ":memory:") else Path(rest)
 
 
+def journal_or_sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite or journal URL; None for PostgreSQL and in-memory SQLite."""
+    scheme = scheme_of(url)
+    if scheme == "postgresql":
+        return None
+    return sqlite_path(url) if scheme == "sqlite" else _journal_path(url)
+
+
 def _journal_path(url: str) -> Path:
     rest = url.split(":", 1)[1]
     return Path(rest[2:] if rest.startswith("//") else rest)
 
 
-def _open_journal(url: str) -> BaseStorage:
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+def _open_journal(url: str, repair: bool = True) -> BaseStorage:
+    from optuna.storages.journal import JournalStorage
 
     path = _journal_path(url)
     if not str(path) or not path.parent.is_dir():
         raise StorageError(f"storage {url}: folder {path.parent} does not exist")
-    return JournalStorage(JournalFileBackend(str(path)))
+    if path.is_dir():
+        raise StorageError(f"storage {url}: {path} is a folder, not a journal file")
+    try:
+        backend = _SafeJournalBackend(str(path))
+        if repair:
+            backend.repair()
+        else:
+            _check_journal(path)
+        return JournalStorage(backend)
+    except StorageError:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(url) from None
+        raise StorageError(f"storage {url}: {path}: {exc.strerror or exc}") from None
+
+
+def _check_journal(path: Path) -> int:
+    """Refuse a file that is not an Optuna journal; return the size of its complete records.
+
+    Only the first record and the tail are read: a journal's records are whole JSON lines, and a
+    crash or a full disk can only cut the last one short.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as handle:
+        first = handle.readline()
+        complete = first.endswith(b"\n")
+        if complete and not _is_record(first):
+            raise StorageError(f"storage journal:{path}: not an Optuna journal (its first line is not a "
+                               "journal record); choose another file")
+        # The last newline ends the last complete record; anything after it is a torn write.
+        tail_start = max(0, size - (1 << 20))
+        handle.seek(tail_start)
+        tail = handle.read()
+    end = tail.rfind(b"\n")
+    if end < 0 and tail_start > 0:
+        raise StorageError(f"storage journal:{path}: its last megabyte holds no complete record; "
+                           "not a journal alpa-tune can repair")
+    complete_size = tail_start + end + 1 if end >= 0 else 0
+    if complete_size == 0 and not _looks_like_record_start(first):
+        raise StorageError(f"storage journal:{path}: not an Optuna journal; choose another file")
+    return complete_size
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _looks_like_record_start(data: bytes) -> bool:
+    return data.startswith(b'{"op_code"')
+
+
+class _SafeJournalBackend(BaseJournalBackend):
+    """Optuna's journal file backend that never appends after a torn record.
+
+    Optuna's ``append_logs`` writes a batch of lines with one ``write``; a crash or a full disk
+    can leave the last line cut short, and the next append would glue a good record onto the
+    fragment, after which every reader fails. Under the journal's own lock this backend first
+    cuts any fragment off (keeping a copy beside the file) and, if its own write fails, truncates
+    back to where it began.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._lock = JournalFileSymlinkLock(path)  # the lock Optuna's own backend takes by default
+        self._inner = JournalFileBackend(path, lock_obj=self._lock)
+        self._path = Path(path)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        return self._inner.read_logs(log_number_from)
+
+    def repair(self) -> None:
+        """Cut a torn last record off (under the journal lock), if there is one."""
+        self._lock.acquire()
+        try:
+            self._repair_locked()
+        finally:
+            self._lock.release()
+
+    def _repair_locked(self) -> int:
+        complete = _check_journal(self._path)
+        size = self._path.stat().st_size
+        if complete < size:
+            copy = self._path.with_name(f"{self._path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copyfile(self._path, copy)
+            with open(self._path, "r+b") as handle:
+                handle.truncate(complete)
+                os.fsync(handle.fileno())
+            print(f"alpa-tune: journal {self._path}: its last record was cut short ({size - complete} bytes; "
+                  f"a crash or a full disk): removed it, the original is kept as {copy.name}", file=sys.stderr)
+        return complete
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        self._lock.acquire()
+        try:
+            start = self._repair_locked()
+            with open(self._path, "r+b") as handle:
+                handle.seek(start)
+                try:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except OSError:
+                    handle.truncate(start)  # no fragment left for the next writer to glue onto
+                    raise
+        finally:
+            self._lock.release()
 
 
 @contextlib.contextmanager
@@ -187,7 +321,7 @@ def study_lock(url: str, study_name: str) -> Iterator[Any]:
         with _postgres_lock(url, f"alpa-tune:study:{study_name}") as connection:
             yield connection
         return
-    path = sqlite_path(url) if scheme == "sqlite" else _journal_path(url)
+    path = journal_or_sqlite_path(url)
     if path is None:  # in-memory SQLite: one process, nothing to guard
         yield None
         return
@@ -255,3 +389,147 @@ def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = No
     for trial in storage.get_all_trials(study_id, deepcopy=False):
         counts[trial.state] += 1
     return counts
+
+
+# ---------------------------------------------------------------- faults: full disks and outages
+
+EXIT_STORAGE_LOST = 4
+EXIT_DISK_FULL = 5
+_SQLITE_FULL = 13
+_PG_DISK_FULL = "53100"
+
+
+class DiskFullError(StorageError):
+    """The storage's disk is full: stop and say so, do not retry."""
+
+
+class StorageLost(RuntimeError):
+    """The storage stayed unreachable for longer than ``workers.storage_patience``."""
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage call raises when the database, the network or the file system fails."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, StorageInternalError, OSError)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` or anything it was raised from says the disk is full.
+
+    Optuna re-raises SQLite's SQLITE_FULL as "invalid data in the commit, e.g. exceeding max
+    length"; the cause chain still carries the real error.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(current, sqlite3.Error) and getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        if getattr(current, "pgcode", None) == _PG_DISK_FULL:
+            return True
+        pending += [current.__cause__, current.__context__, getattr(current, "orig", None)]
+    return False
+
+
+def disk_full_error(url: str) -> DiskFullError:
+    """One line naming the full storage and what is left on its disk."""
+    path = journal_or_sqlite_path(url)
+    if scheme_of(url) == "postgresql":
+        return DiskFullError(f"storage {mask_url(url)}: the PostgreSQL server's disk is full; free space there, "
+                             "then start the workers again (stored trials are intact)")
+    free = free_space(path) if path is not None else None
+    left = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+    return DiskFullError(f"storage {path}: the disk is full ({left}); free space or move the storage, "
+                         "then run again (stored trials are intact)")
+
+
+def check_free_space(path: Path, what: str, minimum: int = 64 * 2**20) -> None:
+    """Refuse to start when the disk under ``path`` cannot hold even a little more.
+
+    Storage files and outputs grow a little per trial; below ``minimum`` free a run would fail
+    part-way, so it is refused before any work.
+    """
+    free = free_space(path)
+    if free is not None and free < minimum:
+        raise DiskFullError(f"{what} {path}: only {format_bytes(free)} free on its disk "
+                            f"(at least {format_bytes(minimum)} needed); free space or choose another place")
+
+
+class StorageGuard:
+    """Waits out storage outages for one process, up to ``patience`` seconds each.
+
+    ``call(fn, what)`` runs ``fn`` until it succeeds: on a storage error it says once what it is
+    waiting for, backs off (1 s doubling to 10 s) and tries again; when the storage answers it
+    says how long it was gone. A full disk is not an outage: it raises ``DiskFullError`` at once.
+    Past the patience it raises ``StorageLost``. ``stop`` (a threading.Event) cuts a wait short.
+    """
+
+    def __init__(self, url: str, patience: float, log: Any = print, stop: Any = None) -> None:
+        self.url = url
+        self.patience = patience
+        self.log = log
+        self.stop = stop
+        self.down_since: float | None = None
+        self.up_since = float("-inf")  # when the storage last came back (monotonic)
+        self.outages = 0
+        self.waited = 0.0
+
+    def call(self, fn: Any, what: str, *, interruptible: bool = False) -> Any:
+        """``fn()`` once the storage answers; None if ``interruptible`` and ``stop`` is set meanwhile.
+
+        Recording a finished result is not interruptible: a stopping worker still waits (up to
+        the patience) to write it.
+        """
+        delay = 1.0
+        while True:
+            try:
+                result = fn()
+            except storage_errors() as exc:
+                self.failed(exc, what)
+                wait = min(delay, max(0.0, self.down_since + self.patience - time.monotonic()) + 0.01)
+                if interruptible and self.stop is not None and self.stop.wait(wait):
+                    return None
+                time.sleep(0 if interruptible and self.stop is not None else wait)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.succeeded()
+            return result
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        """Note a storage error; raise if it is a full disk or the patience has run out."""
+        if is_disk_full(exc):
+            raise disk_full_error(self.url) from None
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            self.outages += 1
+            reason = mask_text((str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0],
+                               self.url)
+            self.log(f"storage unreachable ({reason}) while {what}; waiting for it "
+                     f"(up to {self.patience:.0f}s, workers.storage_patience)")
+        elif now - self.down_since > self.patience:
+            raise StorageLost(f"storage {mask_url(self.url)} unreachable for {now - self.down_since:.0f}s "
+                              f"(workers.storage_patience = {self.patience:.0f}s); giving up") from None
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            gone = time.monotonic() - self.down_since
+            self.waited += gone
+            self.log(f"storage is back after {gone:.0f}s")
+            self.down_since = None
+            self.up_since = time.monotonic()
+
+    def settled(self, seconds: float) -> bool:
+        """True when the storage has answered for at least ``seconds`` since its last outage.
+
+        After an outage every live worker's heartbeat is old: judging trials stale before the
+        others have had a grace period to beat again would fail trials that are still training.
+        """
+        return self.down_since is None and time.monotonic() - self.up_since >= seconds
