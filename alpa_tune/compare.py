@@ -23,7 +23,7 @@ import numpy as np
 
 from alpa_tune.config import StudyConfig, config_from_dict
 from alpa_tune.export import read_record
-from alpa_tune.storage import StorageError, mask_url, open_storage, scheme_of, sqlite_path
+from alpa_tune.storage import StorageError, journal_or_sqlite_path, mask_url, open_storage
 
 COMPARISON_ATTR = "comparison"
 DEFAULT_LOSSES = ("ce", "focal", "asl", "alpa")
@@ -255,11 +255,9 @@ def find_study(url: str, name: str):
     """The study ``name`` when the storage exists and holds it, else None (never creates a store)."""
     import optuna
 
-    scheme = scheme_of(url)
-    if scheme in ("sqlite", "journal"):
-        path = sqlite_path(url) if scheme == "sqlite" else Path(url.split(":", 1)[1].removeprefix("//"))
-        if path is None or not path.exists():
-            return None
+    path = journal_or_sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
     try:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:

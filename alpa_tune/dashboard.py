@@ -71,7 +71,7 @@ def serve(url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     check_address(host, port)
     # Our own storage object: the psycopg2 driver, pool settings and masked errors come with it,
     # and the URL (with any password) never reaches the dashboard's own messages.
-    storage = open_storage(url)
+    storage = open_storage(url, read_only=True)  # never creates an empty SQLite file
     warning = exposure_warning(host, port)
     if warning:
         log(warning)

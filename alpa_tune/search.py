@@ -16,7 +16,7 @@ import optuna
 
 from alpa_tune.config import ConfigError, SearchConfig, SpaceConfig, StudyConfig, config_from_dict
 from alpa_tune.data import ImageDataset
-from alpa_tune.storage import open_storage, study_lock
+from alpa_tune.storage import DiskFullError, StorageLost, open_storage, study_lock
 from alpa_tune.training import (
     EpochStats,
     FoldResult,
@@ -27,6 +27,7 @@ from alpa_tune.training import (
 CONFIG_ATTR = "alpa_tune_config"
 BUDGET_ATTR = "n_trials"
 SEEDED_ATTR = "alpa_tune_seeded"
+NEXT_RANK_ATTR = "alpa_tune_next_rank"
 METRIC_NAME = "balanced_accuracy"
 
 # The paper's three settings (section 6.1): Loss v1, v2 (the reported ALPA) and v3 (Hill).
@@ -144,6 +145,21 @@ def ranked_complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial
     return sorted(complete, key=lambda t: (-t.value, t.number))
 
 
+def allocate_rank(study: optuna.Study, url: str, explicit: int | None = None) -> int:
+    """This worker's rank (its sampler seed is ``search.seed + rank``), unique in the study.
+
+    Without an explicit rank the next free one is taken from the study under its lock, so two
+    launchers, a resumed run or compose replicas never share a seed (which would train the same
+    startup points twice). An explicit rank wins and moves the next free one past it.
+    """
+    with study_lock(url, study.study_name):
+        next_free = int(study.user_attrs.get(NEXT_RANK_ATTR, 0))
+        rank = next_free if explicit is None else explicit
+        if rank + 1 > next_free:
+            study.set_user_attr(NEXT_RANK_ATTR, rank + 1)
+    return rank
+
+
 def study_budget(study: optuna.Study) -> int:
     attrs = study.user_attrs
     return int(attrs[BUDGET_ATTR]) if BUDGET_ATTR in attrs else stored_config(study).search.n_trials
@@ -153,7 +169,7 @@ class Objective:
     """One trial: sample, build the loss, cross-validate, report per fold, record metrics."""
 
     def __init__(self, config: StudyConfig, dataset: ImageDataset, *, device: Any = None,
-                 stop_event: threading.Event | None = None, on_started: Any = None) -> None:
+                 stop_event: threading.Event | None = None) -> None:
         from alpa_tune.losses import build_loss
 
         self._build_loss = build_loss
@@ -161,11 +177,8 @@ class Objective:
         self.dataset = dataset
         self.device = device
         self.stop_event = stop_event or threading.Event()
-        self.on_started = on_started  # called with the trial once it exists (the lock can go)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if self.on_started:
-            self.on_started(trial)
         config = self.config
         params = suggest(trial, config.search)
         name, kwargs = loss_spec(params, config.search.space)
@@ -199,7 +212,7 @@ class Objective:
             result = cross_validate(config, self.dataset, lambda counts: self._build_loss(name, **kwargs),
                                     on_epoch=on_epoch, on_fold=on_fold, evaluate_each_epoch=by_epoch,
                                     device=self.device)
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, StorageLost, DiskFullError):
             raise
         except StopRequested as exc:
             trial.set_user_attr("fail_reason", f"interrupted ({exc}); queued again")

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from alpa_tune.search import ranked_complete_trials, study_budget
-from alpa_tune.storage import count_trial_states
+from alpa_tune.storage import count_trial_states, storage_errors
 
 
 def study_line(study: optuna.Study) -> str:
@@ -29,16 +29,24 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def workers_table(study: optuna.Study, slots: list) -> Table:
-    """One row per launcher slot: pid, device, state and the trial it is running."""
-    running = {t.user_attrs.get("worker", ""): t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    table = Table(title=study_line(study), title_justify="left", expand=False)
+    """One row per launcher slot: pid, device, state and the trial it is running.
+
+    While the storage is unreachable the title says so and the rows show the processes only.
+    """
+    try:
+        running = {t.user_attrs.get("worker", ""): t
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        title = study_line(study)
+    except storage_errors() as exc:
+        running, title = {}, f"{study.study_name}: storage unreachable ({type(exc).__name__}); workers wait for it"
+    table = Table(title=title, title_justify="left", expand=False)
     for column in ("worker", "pid", "device", "state", "trial"):
         table.add_column(column)
     for slot in slots:
         pid = slot.process.pid if slot.process else None
         trial = next((t for key, t in running.items() if pid and key.endswith(f":{pid}")), None)
         doing = f"#{trial.number} {trial.user_attrs.get('progress', 'starting')}" if trial else "-"
-        table.add_row(str(slot.rank), str(pid or "-"), slot.device, slot.state, doing)
+        table.add_row(str(slot.index), str(pid or "-"), slot.device, slot.state, doing)
     return table
 
 

@@ -1,46 +1,63 @@
-"""The long-lived worker loop, and the launcher that starts and supervises workers on one machine.
+"""The long-lived worker loop: ask for a slot under the budget, train, record the result once.
 
 Budget rule (exact across any number of workers): under the study's lock, a worker starts
 a trial only while finished + running < budget; the lock is released as soon as the new
 trial exists. A worker whose trial may still fail (and be re-queued) waits instead of leaving.
+
+Faults: every storage call goes through a :class:`~alpa_tune.storage.StorageGuard`, so an
+outage shorter than ``workers.storage_patience`` is waited out. Reports made during training
+(intermediate values, progress, per-fold figures) that fail are kept and written when the
+storage answers again; training goes on. A finished trial's result is recorded by this module
+(not by Optuna's ``optimize``, whose ``_run_trial`` crashes when ``tell`` fails: Optuna issue
+5280) exactly once, or dropped with one line if the trial was meanwhile failed by its heartbeat
+and re-queued for another worker.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import socket
-import zlib
 import signal
-import subprocess
-import sys
+import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
-from optuna.exceptions import StorageInternalError
-from sqlalchemy.exc import SQLAlchemyError
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
 from alpa_tune.search import (
     Objective,
+    allocate_rank,
     make_pruner,
     make_sampler,
     stored_config,
     study_budget,
 )
-from alpa_tune.storage import ENV_VAR, count_trial_states, mask_text, mask_url, open_storage, study_lock
+from alpa_tune.storage import (
+    EXIT_DISK_FULL,
+    EXIT_STORAGE_LOST,
+    StorageGuard,
+    count_trial_states,
+    mask_url,
+    open_storage,
+    storage_errors,
+    study_lock,
+)
 
 MAX_CONSECUTIVE_FAILURES = 5
-MAX_STORAGE_ERRORS = 8
-STORAGE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StorageInternalError, OSError)
 EXIT_BAD_INPUT = 2
 EXIT_GAVE_UP = 3
+__all__ = ["EXIT_BAD_INPUT", "EXIT_DISK_FULL", "EXIT_GAVE_UP", "EXIT_STORAGE_LOST", "StudyNotFound", "load_study",
+           "run_worker", "trial_loop"]
 
 
 class StudyNotFound(LookupError):
@@ -53,26 +70,23 @@ class WorkerResult:
     stopped_by_signal: bool = False
     budget_met: bool = False
     gave_up: bool = False
+    stale_results_dropped: int = 0
 
 
-def load_study(name: str, url: str, **kwargs) -> optuna.Study:
-    storage = kwargs.pop("storage", None) or open_storage(url)
+def load_study(name: str, url: str, **kwargs: Any) -> optuna.Study:
+    storage = kwargs.pop("storage", None) or open_storage(url, read_only=kwargs.pop("read_only", False))
     try:
         return optuna.load_study(study_name=name, storage=storage, **kwargs)
     except KeyError:
         raise StudyNotFound(f"study {name!r} does not exist in storage {mask_url(url)}") from None
 
 
-def default_rank() -> int:
-    """A rank for a worker started without --rank: the scheduler's index, else unique per host:pid.
-
-    Replicas started alike (compose --scale, a Kubernetes Job) must not share a sampler seed.
-    """
-    for variable in ("ALPA_TUNE_RANK", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
-        value = os.environ.get(variable, "")
-        if value.isdigit():
-            return int(value)
-    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
+def explicit_rank(rank: int | None) -> int | None:
+    """``--rank`` wins, then ``$ALPA_TUNE_RANK``; None means: take the next free rank from the study."""
+    if rank is not None:
+        return rank
+    value = os.environ.get("ALPA_TUNE_RANK", "")
+    return int(value) if value.isdigit() else None
 
 
 def finished(counts: dict[TrialState, int]) -> int:
@@ -84,7 +98,7 @@ def run_worker(
     url: str,
     *,
     max_trials: int | None = None,
-    rank: int = 0,
+    rank: int | None = None,
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
     install_signal_handlers: bool = True,
@@ -111,6 +125,7 @@ def run_worker(
     dataset = load_dataset(config.data)  # once per process, shared by every trial
 
     storage = open_storage(url, config.workers)
+    rank = allocate_rank(optuna.load_study(study_name=study_name, storage=storage), url, rank)
     study = load_study(study_name, url, storage=storage, sampler=make_sampler(config.search, rank),
                        pruner=make_pruner(config))
     log(f"worker {socket.gethostname()}:{os.getpid()} rank {rank}: study {study_name!r} in {mask_url(url)}, "
@@ -118,81 +133,255 @@ def run_worker(
     stop = threading.Event()
     if install_signal_handlers:
         _install_stop_handlers(stop, log)
-
-    def objective(on_started: Callable[[optuna.Trial], None]) -> Objective:
-        return Objective(config, dataset, device=device, stop_event=stop, on_started=on_started)
-
+    objective = Objective(config, dataset, device=device, stop_event=stop)
     return trial_loop(study, url, objective, stop=stop, max_trials=max_trials,
-                      max_retries=config.workers.max_retries,
-                      poll=min(2.0, config.workers.heartbeat_interval), log=log)
+                      max_retries=config.workers.max_retries, patience=config.workers.storage_patience,
+                      grace_period=config.workers.grace_period,
+                      heartbeat_interval=config.workers.heartbeat_interval,
+                      poll=min(2.0, config.workers.heartbeat_interval), log=log, before_record=_test_pause())
 
 
-ObjectiveFactory = Callable[[Callable[[optuna.Trial], None]], Callable[[optuna.Trial], float]]
+PAUSE_ENV = "ALPA_TUNE_TEST_PAUSE_BEFORE_RECORD"
+
+
+def _test_pause() -> Callable[[optuna.Trial, TrialState, float | None], None] | None:
+    """Tests only: with ``$ALPA_TUNE_TEST_PAUSE_BEFORE_RECORD=FLAG``, a worker whose training has
+    finished writes FLAG.PID (the trial and its result) and waits while FLAG exists, so a test can
+    stop the storage exactly between training and recording."""
+    flag = os.environ.get(PAUSE_ENV)
+    if not flag:
+        return None
+
+    def pause(trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+        marker = Path(f"{flag}.{os.getpid()}")
+        marker.write_text(json.dumps({"trial": trial.number, "state": state.name, "value": value}))
+        while os.path.exists(flag):
+            time.sleep(0.1)
+
+    return pause
 
 
 def trial_loop(
     study: optuna.Study,
     url: str,
-    make_objective: ObjectiveFactory,
+    objective: Callable[[Any], float],
     *,
     stop: threading.Event,
     max_trials: int | None = None,
     max_retries: int = 2,
+    patience: float = 600.0,
+    grace_period: float = 30.0,
+    heartbeat_interval: float = 10.0,
     poll: float = 2.0,
     log: Callable[[str], None] = print,
+    before_record: Callable[[optuna.Trial, TrialState, float | None], None] | None = None,
 ) -> WorkerResult:
     """Run trials until the budget is met, ``max_trials`` ran, or ``stop`` is set.
 
-    ``make_objective(on_started)`` returns the objective; it must call ``on_started(trial)``
-    first thing, which releases the study lock.
+    Raises ``StorageLost`` after an outage longer than ``patience`` and ``DiskFullError`` when
+    the storage's disk is full. ``before_record`` (tests) runs between training and recording.
     """
+    guard = StorageGuard(url, patience, log=log, stop=stop)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
-    gate = _BudgetGate(study, url)
+    gate = _BudgetGate(study, url, guard, grace_period)
     result = WorkerResult()
-    failures = storage_errors = 0
+    failures = 0
     while not stop.is_set():
         if max_trials is not None and result.trials_run >= max_trials:
             break
-        try:
-            step, failed_trial_id = gate.next_trial(make_objective)
-            storage_errors = 0
-        except STORAGE_ERRORS as exc:
-            # The network blinked or the server restarted: pool_pre_ping replaces dead
-            # connections, so waiting and trying again is enough.
-            storage_errors += 1
-            if storage_errors > MAX_STORAGE_ERRORS:
-                raise
-            delay = min(2.0**storage_errors, 30.0)
-            log(f"storage error ({mask_text(str(exc).splitlines()[0], url)}); retrying in {delay:.0f}s")
-            stop.wait(delay)
-            continue
-        if step == "done":
+        trial = guard.call(gate.next_trial, "asking for a trial", interruptible=True)
+        if trial is None:  # stopped while the storage was away
+            break
+        if trial == "done":
             result.budget_met = True
             break
-        if step == "wait":
+        if trial == "wait":
             stop.wait(poll)
             continue
+        resilient = ResilientTrial(trial, guard)
+        with _Heartbeat(study, trial._trial_id, heartbeat_interval):
+            state, value, error = _train(objective, resilient)
+            if before_record is not None:
+                before_record(trial, state, value)
+            outcome = _record(study, resilient, state, value, guard)
         result.trials_run += 1
-        if failed_trial_id is None:
+        if outcome == "stale":
+            result.stale_results_dropped += 1
+            log(f"trial {trial.number} was failed by its heartbeat while this worker could not reach the "
+                f"storage and was queued again; dropped this worker's {state.name.lower()} result "
+                f"({'value ' + format(value, '.4f') if value is not None else 'no value'})")
             failures = 0
             continue
-        last = study._storage.get_trial(failed_trial_id)
+        if state != TrialState.FAIL:
+            failures = 0
+            continue
         if stop.is_set():
-            retry(study, last)  # interrupted, not broken: run it again elsewhere, same params
+            # Interrupted, not broken: run it again elsewhere, same params.
+            guard.call(lambda: retry(study, study._storage.get_trial(trial._trial_id)), "re-queueing the trial")
             break
         failures += 1
-        log(f"trial {last.number} failed: {last.user_attrs.get('fail_reason', 'see the worker log')}")
+        reason = resilient.user_attrs.get("fail_reason") or f"{type(error).__name__}: {error}"
+        log(f"trial {trial.number} failed: {reason}")
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            log(f"giving up after {failures} failed trials in a row; the last: "
-                f"{last.user_attrs.get('fail_reason', 'see above')}")
+            log(f"giving up after {failures} failed trials in a row; the last: {reason}")
             result.gave_up = True
             break
     result.stopped_by_signal = stop.is_set()
     return result
 
 
+def _train(objective: Callable[[Any], float], trial: ResilientTrial) -> tuple[TrialState, float | None, BaseException | None]:
+    """Run the objective; every error but a lost or full storage becomes a FAIL with its reason."""
+    from alpa_tune.storage import DiskFullError, StorageLost
+
+    try:
+        return TrialState.COMPLETE, float(objective(trial)), None
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None, None
+    except (StorageLost, DiskFullError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the trial fails, the worker goes on
+        return TrialState.FAIL, None, exc
+
+
+def _record(study: optuna.Study, trial: ResilientTrial, state: TrialState, value: float | None,
+            guard: StorageGuard) -> str:
+    """Write the kept reports, then the result, exactly once: "recorded" or "stale".
+
+    A tell whose reply was lost may have been committed: the retry then finds the trial in the
+    state it asked for and counts it as recorded. Finding it FAILed otherwise means the heartbeat
+    judged it stale and another worker got its retry: the result is not written over that.
+    """
+    storage = study._storage
+    attempted = False
+
+    def attempt() -> str:
+        nonlocal attempted
+        trial.flush()
+        current = storage.get_trial(trial._trial_id)
+        if current.state == TrialState.RUNNING:
+            attempted = True
+            try:
+                study.tell(trial.wrapped, value if state == TrialState.COMPLETE else None, state=state)
+                return "recorded"
+            except (ValueError, UpdateFinishedTrialError):
+                current = storage.get_trial(trial._trial_id)  # failed by a heartbeat check just now?
+                if current.state == TrialState.RUNNING:
+                    raise
+        if attempted and current.state == state and (state != TrialState.COMPLETE or current.value == value):
+            return "recorded"
+        return "stale"
+
+    return guard.call(attempt, f"recording trial {trial.number}'s result")
+
+
+class ResilientTrial:
+    """An ``optuna.Trial`` whose reports outlive a storage outage.
+
+    ``report`` and ``set_user_attr`` that fail are kept in order and written, oldest first, at
+    the next successful write or by ``flush``; ``should_prune`` says no while reports are
+    pending (the other trials cannot be seen). Everything else is the wrapped trial's.
+    """
+
+    def __init__(self, trial: optuna.Trial, guard: StorageGuard) -> None:
+        self._trial = trial
+        self._guard = guard
+        self._pending: list[tuple[str, Any, Any]] = []
+        self._attrs: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
+
+    @property
+    def wrapped(self) -> optuna.Trial:
+        return self._trial
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        return {**self._trial.user_attrs, **self._attrs}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def suggest_float(self, *args: Any, **kwargs: Any) -> float:
+        return self._guard.call(lambda: self._trial.suggest_float(*args, **kwargs), "sampling the trial")
+
+    def suggest_categorical(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard.call(lambda: self._trial.suggest_categorical(*args, **kwargs), "sampling the trial")
+
+    def report(self, value: float, step: int) -> None:
+        self._write("report", int(step), float(value))
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self._attrs[key] = value
+        self._write("attr", key, value)
+
+    def should_prune(self) -> bool:
+        if self._pending:
+            return False
+        try:
+            return self._trial.should_prune()
+        except storage_errors() as exc:
+            self._guard.failed(exc, f"checking whether trial {self._trial.number} should be pruned")
+            return False
+
+    def flush(self) -> None:
+        """Write the kept reports in order; raises the storage's error if it is still away."""
+        while self._pending:
+            kind, key, value = self._pending[0]
+            if kind == "report":
+                self._trial.report(value, key)
+            else:
+                self._trial.set_user_attr(key, value)
+            self._pending.pop(0)
+
+    def _write(self, kind: str, key: Any, value: Any) -> None:
+        self._pending.append((kind, key, value))
+        try:
+            self.flush()
+        except storage_errors() as exc:
+            self._guard.failed(exc, f"reporting trial {self._trial.number}'s progress "
+                                    "(training goes on; its reports are kept until the storage is back)")
+        else:
+            self._guard.succeeded()
+
+
+class _Heartbeat:
+    """Beats for one trial every ``interval`` seconds in a thread, through outages.
+
+    Optuna's heartbeats only run inside ``optimize``; this loop records its own result, so it
+    beats itself. A failed beat is skipped: the worker's guard reports the outage.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
+        self.storage = study._storage
+        self.trial_id = trial_id
+        self.interval = interval
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if is_heartbeat_enabled(self.storage):
+            self.thread = threading.Thread(target=self._beat, name="alpa-tune-heartbeat", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except storage_errors():
+                pass
+
+
 class _BudgetGate:
-    """Decides, under the study lock, whether this worker may start a trial.
+    """Decides, under the study lock, whether this worker may start a trial, and starts it.
 
     The budget (a study attribute) is re-read only when it could change the decision or
     every BUDGET_REFRESH_SECONDS; each trial otherwise costs the lock and one count query.
@@ -200,12 +389,13 @@ class _BudgetGate:
 
     BUDGET_REFRESH_SECONDS = 30.0
 
-    def __init__(self, study: optuna.Study, url: str) -> None:
+    def __init__(self, study: optuna.Study, url: str, guard: StorageGuard, grace_period: float) -> None:
         self.study = study
         self.url = url
+        self.guard = guard
+        self.grace_period = grace_period
         self._budget: int | None = None
         self._budget_read_at = 0.0
-        self._connection = None  # the study lock's connection while it is held (PostgreSQL)
 
     def _read_budget(self, force: bool) -> int:
         if force or self._budget is None or time.monotonic() - self._budget_read_at > self.BUDGET_REFRESH_SECONDS:
@@ -213,48 +403,31 @@ class _BudgetGate:
             self._budget_read_at = time.monotonic()
         return self._budget
 
-    def _counts(self) -> dict[TrialState, int]:
-        return count_trial_states(self.study._storage, self.study._study_id, self._connection)
-
-    def next_trial(self, make_objective: ObjectiveFactory) -> tuple[str, int | None]:
-        """("done" | "wait" | "ran", id of our trial if it FAILed)."""
-        lock = contextlib.ExitStack()
-        self._connection = lock.enter_context(study_lock(self.url, self.study.study_name))
-        try:
-            counts = self._counts()
+    def next_trial(self) -> optuna.Trial | str:
+        """A new RUNNING trial (already beating), or "done" / "wait"."""
+        storage = self.study._storage
+        with study_lock(self.url, self.study.study_name) as connection:
+            counts = count_trial_states(storage, self.study._study_id, connection)
             if finished(counts) + counts[TrialState.RUNNING] >= self._read_budget(force=False):
                 # Before stopping or waiting: fail the trials of dead workers (heartbeats only
                 # do so inside optimize) so their retries get a slot, and confirm the budget.
-                fail_stale_trials(self.study)
-                counts = self._counts()
+                # Not right after an outage: live workers need a grace period to beat again.
+                if self.guard.settled(self.grace_period):
+                    fail_stale_trials(self.study)
+                counts = count_trial_states(storage, self.study._study_id, connection)
                 budget = self._read_budget(force=True)
                 if finished(counts) >= budget:
-                    return "done", None
+                    return "done"
                 if finished(counts) + counts[TrialState.RUNNING] >= budget:
-                    return "wait", None  # a running trial may still fail and need a retry
-            outcome: dict[str, int | bool] = {}
-
-            def on_started(trial: optuna.Trial) -> None:
-                outcome["trial_id"] = trial._trial_id
-                lock.close()  # the trial now counts as RUNNING: the next worker may decide
-
-            objective = make_objective(on_started)
-
-            def tracked(trial: optuna.Trial) -> float:
-                try:
-                    return objective(trial)
-                except optuna.TrialPruned:
-                    raise
-                except Exception:
-                    outcome["failed"] = True
-                    raise
-
-            # Every trial error becomes a FAIL with its reason; the worker goes on.
-            self.study.optimize(tracked, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            failed = outcome.get("failed") and outcome.get("trial_id") is not None
-            return "ran", int(outcome["trial_id"]) if failed else None
-        finally:
-            lock.close()
+                    return "wait"  # a running trial may still fail and need a retry
+            with warnings.catch_warnings():
+                # "Heartbeat ... supposed to be used with Study.optimize": this loop beats itself.
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            if is_heartbeat_enabled(storage):
+                # A trial without any heartbeat is never judged stale: beat before the lock goes.
+                storage.record_heartbeat(trial._trial_id)
+            return trial
 
 
 def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) -> None:
@@ -266,126 +439,3 @@ def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) ->
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-
-
-# ---------------------------------------------------------------- launcher
-
-
-@dataclass
-class Slot:
-    rank: int
-    device: str
-    env: dict[str, str]
-    threads: int
-    process: subprocess.Popen | None = None
-    restarts: int = 0
-    state: str = "starting"
-    exit_codes: list[int] = field(default_factory=list)
-
-
-def plan_slots(gpus: Sequence[int] | None, workers_per_gpu: int, workers: int | None) -> list[Slot]:
-    """One slot per GPU x workers_per_gpu (pinned by CUDA_VISIBLE_DEVICES), else CPU workers."""
-    if gpus:
-        slots = []
-        for gpu in gpus:
-            for _ in range(workers_per_gpu):
-                slots.append(Slot(len(slots), "cuda:0", {"CUDA_VISIBLE_DEVICES": str(gpu)}, threads=2))
-        return slots
-    count = workers or 2
-    threads = max(1, (os.cpu_count() or 1) // count)  # N workers on N cores must not oversubscribe them
-    return [Slot(rank, "cpu", {"CUDA_VISIBLE_DEVICES": ""}, threads) for rank in range(count)]
-
-
-def detect_gpus() -> list[int]:
-    try:
-        import torch
-
-        return list(range(torch.cuda.device_count()))
-    except Exception:  # noqa: BLE001 - no usable CUDA: CPU workers
-        return []
-
-
-def launch(
-    study_name: str,
-    url: str,
-    *,
-    slots: list[Slot],
-    overrides: Sequence[str] = (),
-    log_dir: Path,
-    max_restarts: int = 3,
-    view: Callable[[optuna.Study, list[Slot]], None] | None = None,
-    refresh_seconds: float = 1.0,
-) -> int:
-    """Start one worker process per slot and supervise them until the study's budget is met.
-
-    Returns 0 when the budget was reached, 1 otherwise. A crashed worker is restarted
-    (at most ``max_restarts`` times per slot); a worker that exits 2 (bad input) is not.
-    """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    study = load_study(study_name, url)
-    interrupted = {"count": 0}
-
-    def forward(signum: int, _frame: object) -> None:
-        interrupted["count"] += 1
-        for slot in slots:
-            if slot.process and slot.process.poll() is None:
-                slot.process.send_signal(signal.SIGTERM if interrupted["count"] == 1 else signal.SIGKILL)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for slot in slots:
-            _start(slot, study_name, url, overrides, log_dir)
-        while True:
-            alive = 0
-            for slot in slots:
-                code = slot.process.poll() if slot.process else None
-                if slot.process is not None and code is None:
-                    alive += 1
-                    continue
-                if slot.process is None:
-                    continue
-                slot.exit_codes.append(code)
-                slot.process = None
-                budget_met = finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study)
-                if code in (0, EXIT_BAD_INPUT, EXIT_GAVE_UP) or budget_met or interrupted["count"]:
-                    slot.state = f"exited {code}"
-                    if code in (EXIT_BAD_INPUT, EXIT_GAVE_UP):  # say why without opening the log
-                        slot.state += f": {_last_line(log_dir / f'worker-{slot.rank}.log')}"
-                elif slot.restarts < max_restarts:
-                    slot.restarts += 1
-                    _start(slot, study_name, url, overrides, log_dir)
-                    slot.state = f"restarted ({slot.restarts}) after exit {code}"
-                    alive += 1
-                else:
-                    slot.state = f"crashed (exit {code}), restart limit reached"
-            if view:
-                view(study, slots)
-            if alive == 0:
-                break
-            time.sleep(refresh_seconds)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0 if finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study) else 1
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1].strip()[:200] if lines else ""
-
-
-def _start(slot: Slot, study_name: str, url: str, overrides: Sequence[str], log_dir: Path) -> None:
-    env = {**os.environ, **slot.env, ENV_VAR: url,  # the URL travels in the environment, not in `ps`
-           "OMP_NUM_THREADS": str(slot.threads), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "alpa_tune", "worker", study_name, "--rank", str(slot.rank),
-               "--device", slot.device, "--threads", str(slot.threads)]
-    for item in overrides:
-        command += ["--set", item]
-    log = open(log_dir / f"worker-{slot.rank}.log", "ab")
-    slot.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    slot.state = "running"
