@@ -65,12 +65,14 @@ def run(
     overrides = set_ or []
     config = load_config(config_path, overrides)
     url = _url(storage)
+    gpu_list = _gpus(gpus)  # refused before the data is loaded or the study exists
     _check_writable(out)
+    _check_storage(url)
     _prepare_data(config)
     create_study(config, url, budget=trials)
     console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
     local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
-    code = _launch(config.name, url, gpus, workers if gpus else 1, workers, local, out)
+    code = _launch(config.name, url, gpu_list, workers if gpus else 1, workers, local, out)
     _finish(config.name, url, out / "best.json")
     raise typer.Exit(code)
 
@@ -87,7 +89,9 @@ def launch(
 ) -> None:
     """Start and supervise workers on this machine (one per GPU slot) until the study's budget is met."""
     url = _url(storage)
-    raise typer.Exit(_launch(study_name, url, gpus, workers_per_gpu, workers, set_ or [], log_dir))
+    gpu_list = _gpus(gpus)
+    _check_writable(log_dir)
+    raise typer.Exit(_launch(study_name, url, gpu_list, workers_per_gpu, workers, set_ or [], log_dir))
 
 
 @app.command()
@@ -96,13 +100,13 @@ def worker(
     storage: StorageOpt = None,
     trials: Annotated[int | None, typer.Option(help="Leave after this many trials of our own (default: until the study's budget).", min=1)] = None,
     rank: Annotated[int | None, typer.Option(help="Worker rank: the sampler seed is the study seed + rank. Default: "
-                                             "$ALPA_TUNE_RANK, $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX, else from host and pid.", min=0)] = None,
+                                             "$ALPA_TUNE_RANK, else the next rank no worker of the study has had.", min=0)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:K (default: the config's training.device).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads for this worker.", min=1)] = None,
     set_: SetOpt = None,
 ) -> None:
     """One long-lived worker: pull trials of STUDY_NAME until its budget is met. SIGTERM stops it cleanly."""
-    from alpa_tune.workers import EXIT_GAVE_UP, default_rank, run_worker
+    from alpa_tune.workers import EXIT_GAVE_UP, explicit_rank, run_worker
 
     overrides = list(set_ or [])
     if device:
@@ -110,8 +114,9 @@ def worker(
     if threads:
         overrides.append(f"training.threads={threads}")
     url = _url(storage)
-    result = run_worker(study_name, url, max_trials=trials, rank=default_rank() if rank is None else rank, overrides=overrides,
-                        log=lambda message: err_console.print(message))
+    result = run_worker(study_name, url, max_trials=trials, rank=explicit_rank(rank), overrides=overrides,
+                        log=lambda message: err_console.print(message, markup=False, highlight=False,
+                                                              soft_wrap=True))
     if result.gave_up:  # run_worker's "giving up ..." line stays the last word in the log
         raise typer.Exit(EXIT_GAVE_UP)
     console.print(f"worker done: {result.trials_run} trial(s) run"
@@ -145,7 +150,7 @@ def export(
     if fmt not in FORMATS:
         raise ExportError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     url = _url(storage)
-    records = study_records(load_study(study_name, url), top)
+    records = study_records(load_study(study_name, url, read_only=True), top)
     if output == "-" or (output is None and fmt == "python"):
         typer.echo(render_records(records, fmt), nl=False)
         return
@@ -217,7 +222,7 @@ def report(
     from alpa_tune.report import write_report
     from alpa_tune.workers import load_study
 
-    path = write_report(load_study(study_name, _url(storage)), output)
+    path = write_report(load_study(study_name, _url(storage), read_only=True), output)
     console.print(f"wrote {path} (open it in any browser; it needs no network)", markup=False, highlight=False)
 
 
@@ -260,7 +265,7 @@ def study_list(storage: StorageOpt = None) -> None:
     from alpa_tune.views import study_line
 
     url = _url(storage)
-    backend = open_storage(url)
+    backend = open_storage(url, read_only=True)
     summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
     if not summaries:
         console.print(f"no studies in {_masked(url)}")
@@ -277,7 +282,7 @@ def study_show(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
 
     url = _url(storage)
     console.print(f"storage: {_masked(url)}")
-    console.print(trials_table(load_study(study_name, url), limit))
+    console.print(trials_table(load_study(study_name, url, read_only=True), limit))
 
 
 @study_app.command("delete")
@@ -289,7 +294,7 @@ def study_delete(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")
     from alpa_tune.workers import load_study
 
     url = _url(storage)
-    study = load_study(study_name, url)  # refuses an unknown name with a clear line
+    study = load_study(study_name, url, read_only=True)  # refuses an unknown name with a clear line
     if not yes and not typer.confirm(f"delete study {study_name!r} and its {len(study.trials)} trials?"):
         raise typer.Exit(1)
     optuna.delete_study(study_name=study_name, storage=study._storage)
@@ -302,12 +307,12 @@ def version() -> None:
     console.print(__version__)
 
 
-def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_workers: int | None,
+def _launch(study_name: str, url: str, gpu_list: list[int], per_gpu: int, cpu_workers: int | None,
             overrides: list[str], log_dir: Path) -> int:
+    from alpa_tune.launcher import launch, plan_slots
+    from alpa_tune.storage import storage_errors
     from alpa_tune.views import study_line, workers_table
-    from alpa_tune.workers import detect_gpus, launch, plan_slots
 
-    gpu_list = _parse_gpus(gpus) if gpus is not None else detect_gpus()
     slots = plan_slots(gpu_list, per_gpu, cpu_workers)
     console.print(f"{len(slots)} worker(s) on {'GPU ' + ','.join(map(str, gpu_list)) if gpu_list else 'CPU'}; "
                   f"logs in {log_dir}/")
@@ -319,8 +324,11 @@ def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_worke
         seen: dict[str, str] = {}
 
         def print_changes(study, current_slots) -> None:  # plain lines for logs and CI
-            lines = {"study": study_line(study)}
-            lines.update({f"worker {slot.rank}": f"worker {slot.rank}: {slot.state}" for slot in current_slots})
+            try:
+                lines = {"study": study_line(study)}
+            except storage_errors():
+                lines = {"study": f"{study_name}: storage unreachable; workers wait for it"}
+            lines.update({f"worker {slot.index}": f"worker {slot.index}: {slot.state}" for slot in current_slots})
             for key, line in lines.items():
                 if seen.get(key) != line:
                     console.print(line, soft_wrap=True, markup=False, highlight=False)
@@ -328,7 +336,15 @@ def _launch(study_name: str, url: str, gpus: str | None, per_gpu: int, cpu_worke
 
         code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=print_changes)
     if code != 0:
+        from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST
+
+        last_exits = {slot.exit_codes[-1] for slot in slots if slot.exit_codes}
+        for slot in slots:  # the reason a worker stopped for good, not only "see the logs"
+            if slot.exit_codes and slot.exit_codes[-1] not in (0, None):
+                err_console.print(f"worker {slot.index}: {slot.state}", markup=False, highlight=False, soft_wrap=True)
         err_console.print(f"the study did not reach its budget; see the worker logs in {log_dir}/")
+        # A full disk or a storage gone for good is the run's own exit code too.
+        code = next((fault for fault in (EXIT_DISK_FULL, EXIT_STORAGE_LOST) if fault in last_exits), code)
     return code
 
 
@@ -364,15 +380,41 @@ def _prepare_data(config) -> None:
     console.print(f"data: {len(dataset.labels)} images, {dataset.num_classes} classes ({counts})")
 
 
-def _parse_gpus(text: str) -> list[int]:
+def _gpus(text: str | None) -> list[int]:
+    """``--gpus`` parsed and checked against the visible devices (all of them when not given)."""
+    from alpa_tune.config import ConfigError
+    from alpa_tune.launcher import detect_gpus
+
+    visible = detect_gpus()
+    if text is None:
+        return visible
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        wanted = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--gpus {text!r}: expected comma-separated indices such as 0,1") from None
+        raise ConfigError(f"--gpus {text!r}: expected comma-separated indices such as 0,1") from None
+    if not wanted:
+        raise ConfigError(f"--gpus {text!r}: no GPU index given")
+    missing = [gpu for gpu in wanted if gpu not in visible]
+    if missing:
+        seen = ",".join(map(str, visible)) if visible else "none"
+        raise ConfigError(f"--gpus {text}: no GPU {missing[0]} on this machine (visible GPUs: {seen})")
+    return wanted
+
+
+def _check_storage(url: str) -> None:
+    """Open the storage once before any work: a bad file, a wrong password or a full disk is one line now."""
+    from alpa_tune.storage import check_free_space, journal_or_sqlite_path, open_storage
+
+    path = journal_or_sqlite_path(url)
+    if path is not None:
+        check_free_space(path.parent if not path.exists() else path, "storage")
+    open_storage(url)
 
 
 def _check_writable(folder: Path) -> None:
     from alpa_tune.export import ExportError
+
+    from alpa_tune.storage import check_free_space
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -381,6 +423,7 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ExportError(f"--out {folder}: not writable ({exc.strerror})") from None
+    check_free_space(folder, "output folder")
 
 
 def _masked(url: str) -> str:
@@ -412,13 +455,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
-    """Console entry point: user errors become one masked line and exit code 2."""
+    """Console entry point: user errors become one masked line and exit code 2.
+
+    A usage error (unknown option, missing argument) is one ``error:`` line plus a hint, not
+    Click's boxed panel. A full disk exits 5, a storage gone past its patience exits 4.
+    """
+    import click
+
+    from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST, DiskFullError, StorageLost, mask_text
+
+    def fail(message: str, code: int, hint: str | None = None) -> None:
+        err_console.print(f"error: {mask_text(message)}", markup=False, highlight=False, soft_wrap=True)
+        if hint:
+            err_console.print(hint, markup=False, highlight=False, soft_wrap=True)
+        sys.exit(code)
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "alpa-tune"
+        fail(exc.format_message(), 2, f"hint: {command} --help")
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except DiskFullError as exc:
+        fail(str(exc), EXIT_DISK_FULL)
+    except StorageLost as exc:
+        fail(str(exc), EXIT_STORAGE_LOST)
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise
-        from alpa_tune.storage import mask_text
-
-        err_console.print(f"error: {mask_text(str(exc))}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(exc), 2)
+    sys.exit(code if isinstance(code, int) else 0)
