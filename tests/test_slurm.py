@@ -6,6 +6,7 @@ without systemd, and are stopped by pid at the end whatever happened.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +81,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def slurm() -> Cluster:
+def slurm_cluster() -> Iterator[Cluster]:
     reason = _unavailable()
     if reason:
         if os.environ.get("CI") == "true":  # .ci/run installs the packages: a skip there would hide a break
@@ -112,6 +114,13 @@ def slurm() -> Cluster:
         shutil.rmtree(folder, ignore_errors=True)
         assert down.returncode == 0 and not survivors, (
             f"down.sh left daemons running ({survivors}):\n{down.stdout}{down.stderr}")
+
+
+@pytest.fixture
+def slurm(slurm_cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster; a test's jobs still queued or running at its end are cancelled."""
+    yield slurm_cluster
+    slurm_cluster.run("scancel", f"--user={getpass.getuser()}")
 
 
 def _study(url: str, name: str) -> optuna.Study:
@@ -202,9 +211,9 @@ def test_array_of_two_cpu_tasks_meets_the_budget_exactly(slurm: Cluster, pg_url:
     started = time.monotonic()
     try:
         result = slurm.run("sbatch", "--wait", "--parsable", f"--chdir={tmp_path}", "--array=0-1", *CPU_FLAGS,
-                           str(TEMPLATE), "slurm_budget", env=_job_env(pg_url, tmp_path), timeout=300)
+                           str(TEMPLATE), "slurm_budget", env=_job_env(pg_url, tmp_path), timeout=180)
     except subprocess.TimeoutExpired:
-        pytest.fail("sbatch --wait still waiting after 300 s\n" + _logs(slurm, tmp_path))
+        pytest.fail("sbatch --wait still waiting after 180 s\n" + _logs(slurm, tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr + _logs(slurm, tmp_path)
     job = result.stdout.strip().split(";")[0]
     trials = _study(pg_url, "slurm_budget").trials
@@ -226,7 +235,7 @@ def test_scancel_mid_trial_requeues_it_and_the_other_task_finishes_the_budget(
                        f"a running trial of task {job}_1", details)
     cancel = slurm.run("scancel", f"{job}_1")  # SIGTERM to the task, SIGKILL only after KillWait
     assert cancel.returncode == 0, cancel.stderr
-    tasks = _wait_for_job(slurm, job, 2, 240, details)
+    tasks = _wait_for_job(slurm, job, 2, 180, details)
     ended = time.monotonic() - started
     study = _study(pg_url, "slurm_cancel")
     print(f"\nscancel: trial {victim.number} cancelled at {victim.user_attrs['progress']}; "
@@ -255,7 +264,7 @@ def test_time_limit_signal_requeues_the_trial_before_the_limit(slurm: Cluster, p
     job = _submit(slurm, tmp_path, pg_url, "slurm_timeout", "--array=0", "--time=1", "--signal=B:TERM@10",
                   *CPU_FLAGS)
     details = lambda: _logs(slurm, tmp_path)  # noqa: E731
-    task = _wait_for_job(slurm, job, 1, 180, details)[f"{job}_0"]
+    task = _wait_for_job(slurm, job, 1, 150, details)[f"{job}_0"]
     log = (tmp_path / f"alpa-tune-{job}_0.log").read_text()
     run_time = task["RunTime"]
     study = _study(pg_url, "slurm_timeout")
