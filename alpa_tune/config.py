@@ -281,8 +281,9 @@ MAX_BATCH_BYTES = 4 * 10**9
 
 def _validate(c: StudyConfig) -> None:
     # Imported here so that a plain config check does not pay for torch/timm at import time.
-    from alpa_tune.data import available_sources, format_bytes
+    from alpa_tune.data import available_sources
     from alpa_tune.models import backbone_exists
+    from alpa_tune.units import format_bytes
 
     if not c.name or not all(ch.isalnum() or ch in "-_." for ch in c.name):
         raise ConfigError(f"name: {c.name!r} must be non-empty letters, digits, '-', '_' or '.'")

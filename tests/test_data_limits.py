@@ -17,7 +17,8 @@ from conftest import cli, write_config
 from PIL import Image
 
 from alpa_tune.config import ConfigError, DataConfig, load_config
-from alpa_tune.data import DataError, cache, format_bytes, load_dataset
+from alpa_tune.data import DataError, cache, load_dataset
+from alpa_tune.units import format_bytes
 
 real_disk_usage = shutil.disk_usage  # some tests patch shutil's
 

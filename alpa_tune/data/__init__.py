@@ -2,7 +2,6 @@
 
 Each source lives in its own module and registers itself by name; the registry imports
 a source module only when that source is asked for, so listing names stays cheap.
-:func:`format_bytes` prints a size in the unit that makes it readable (``23.7 TB``).
 """
 
 from __future__ import annotations
@@ -11,14 +10,12 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from alpa_tune.data._limits import format_bytes
 from alpa_tune.data._types import DataError, ImageDataset, ProgressFn
 
 if TYPE_CHECKING:
     from alpa_tune.config import DataConfig
 
-__all__ = ["DataError", "ImageDataset", "ProgressFn", "available_sources", "format_bytes", "load_dataset",
-           "register_source"]
+__all__ = ["DataError", "ImageDataset", "ProgressFn", "available_sources", "load_dataset", "register_source"]
 
 # source name -> module that registers it
 _SOURCE_MODULES = {

@@ -65,8 +65,9 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alpa_tune.data._limits import format_bytes, is_disk_full
+from alpa_tune.data._limits import is_disk_full
 from alpa_tune.data._types import DataError, ProgressFn
+from alpa_tune.units import format_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
