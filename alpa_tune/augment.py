@@ -14,6 +14,7 @@ batch to the OS and pages it back in on the next).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,12 +67,20 @@ def _normalize_(images: torch.Tensor, peak: float = 1.0,
     If ``memory_format`` asks for another layout, the multiply writes a new tensor in that
     layout instead: the conversion rides on a pass made anyway, and the values are the same.
     """
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    scale, shift = _normalize_constants(images.device, images.dtype, peak)
     if memory_format is not None and not images.is_contiguous(memory_format=memory_format):
         out = torch.empty_like(images, memory_format=memory_format)
-        return torch.mul(images, 1 / (peak * std), out=out).add_(-mean / std)
-    return images.mul_(1 / (peak * std)).add_(-mean / std)
+        return torch.mul(images, scale, out=out).add_(shift)
+    return images.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(device: torch.device, dtype: torch.dtype, peak: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (peak * std), -mean / std), built once per device: a tensor made from a Python list
+    is a host-to-device copy that waits for the GPU to finish its queued work."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(1, 3, 1, 1)
+    return 1 / (peak * std), -mean / std
 
 
 def eval_transform(batch: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
