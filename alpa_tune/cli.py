@@ -402,13 +402,19 @@ def _gpus(text: str | None) -> list[int]:
 
 
 def _check_storage(url: str) -> None:
-    """Open the storage once before any work: a bad file, a wrong password or a full disk is one line now."""
-    from alpa_tune.storage import check_free_space, journal_or_sqlite_path, open_storage
+    """Check the storage before any work: a bad file, a wrong password or a full disk is one line
+    now, and bad input later on leaves no new storage file behind."""
+    from alpa_tune.storage import StorageError, check_free_space, journal_or_sqlite_path, open_storage
 
     path = journal_or_sqlite_path(url)
-    if path is not None:
-        check_free_space(path.parent if not path.exists() else path, "storage")
-    open_storage(url)
+    if path is None:
+        open_storage(url)  # PostgreSQL: reachable, password right, database there
+        return
+    if not path.parent.is_dir():
+        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+    check_free_space(path.parent, "storage")
+    if path.exists():
+        open_storage(url)  # an existing file must be a storage we can read (and a whole journal)
 
 
 def _check_writable(folder: Path) -> None:
@@ -460,9 +466,13 @@ def main() -> None:
     A usage error (unknown option, missing argument) is one ``error:`` line plus a hint, not
     Click's boxed panel. A full disk exits 5, a storage gone past its patience exits 4.
     """
-    import click
+    try:
+        from typer._click import exceptions as click  # Typer >= 0.26 vendors Click under this name
+    except ImportError:  # pragma: no cover - an older Typer on plain Click
+        from click import exceptions as click
 
-    from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST, DiskFullError, StorageLost, mask_text
+    from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST, StorageLost, mask_text
+    from alpa_tune.units import DiskFull
 
     def fail(message: str, code: int, hint: str | None = None) -> None:
         err_console.print(f"error: {mask_text(message)}", markup=False, highlight=False, soft_wrap=True)
@@ -471,16 +481,16 @@ def main() -> None:
         sys.exit(code)
 
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="alpa-tune")
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "alpa-tune"
         fail(exc.format_message(), 2, f"hint: {command} --help")
     except click.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except DiskFullError as exc:
+    except DiskFull as exc:  # the storage's, the cache's or the output folder's
         fail(str(exc), EXIT_DISK_FULL)
     except StorageLost as exc:
         fail(str(exc), EXIT_STORAGE_LOST)

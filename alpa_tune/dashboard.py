@@ -68,10 +68,10 @@ def serve(url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         from optuna_dashboard import run_server
     except ImportError:
         raise DashboardError(f"optuna-dashboard is not installed; {INSTALL_HINT}") from None
-    check_address(host, port)
     # Our own storage object: the psycopg2 driver, pool settings and masked errors come with it,
     # and the URL (with any password) never reaches the dashboard's own messages.
     storage = open_storage(url, read_only=True)  # never creates an empty SQLite file
+    check_address(host, port)
     warning = exposure_warning(host, port)
     if warning:
         log(warning)

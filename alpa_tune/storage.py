@@ -7,7 +7,6 @@ password masking: a URL or error text leaves this module only with its password 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -15,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -29,7 +29,7 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, Jour
 from optuna.trial import TrialState
 
 from alpa_tune.config import WorkersConfig
-from alpa_tune.units import format_bytes, free_space
+from alpa_tune.units import DiskFull, format_bytes, free_space, is_disk_full
 
 # Our own output says what happened; Optuna's info logs and experimental-API warnings are noise to users.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -395,11 +395,9 @@ def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = No
 
 EXIT_STORAGE_LOST = 4
 EXIT_DISK_FULL = 5
-_SQLITE_FULL = 13
-_PG_DISK_FULL = "53100"
 
 
-class DiskFullError(StorageError):
+class DiskFullError(StorageError, DiskFull):
     """The storage's disk is full: stop and say so, do not retry."""
 
 
@@ -413,29 +411,6 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     from sqlalchemy.exc import SQLAlchemyError
 
     return (SQLAlchemyError, StorageInternalError, OSError)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True when ``exc`` or anything it was raised from says the disk is full.
-
-    Optuna re-raises SQLite's SQLITE_FULL as "invalid data in the commit, e.g. exceeding max
-    length"; the cause chain still carries the real error.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(current, sqlite3.Error) and getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL:
-            return True
-        if getattr(current, "pgcode", None) == _PG_DISK_FULL:
-            return True
-        pending += [current.__cause__, current.__context__, getattr(current, "orig", None)]
-    return False
 
 
 def disk_full_error(url: str) -> DiskFullError:
@@ -462,6 +437,19 @@ def check_free_space(path: Path, what: str, minimum: int = 64 * 2**20) -> None:
                             f"(at least {format_bytes(minimum)} needed); free space or choose another place")
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The driver's own error under Optuna's and SQLAlchemy's wrappers ("invalid data in the
+    commit, e.g. exceeding max length" says nothing about a server that went away)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return getattr(exc, "orig", None) or exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class StorageGuard:
     """Waits out storage outages for one process, up to ``patience`` seconds each.
 
@@ -478,6 +466,7 @@ class StorageGuard:
         self.stop = stop
         self.down_since: float | None = None
         self.up_since = float("-inf")  # when the storage last came back (monotonic)
+        self._lock = threading.Lock()  # the worker's heartbeat thread reports here too
         self.outages = 0
         self.waited = 0.0
 
@@ -493,7 +482,8 @@ class StorageGuard:
                 result = fn()
             except storage_errors() as exc:
                 self.failed(exc, what)
-                wait = min(delay, max(0.0, self.down_since + self.patience - time.monotonic()) + 0.01)
+                down_since = self.down_since or time.monotonic()  # None if the heartbeat saw it come back
+                wait = min(delay, max(0.0, down_since + self.patience - time.monotonic()) + 0.01)
                 if interruptible and self.stop is not None and self.stop.wait(wait):
                     return None
                 time.sleep(0 if interruptible and self.stop is not None else wait)
@@ -507,24 +497,29 @@ class StorageGuard:
         if is_disk_full(exc):
             raise disk_full_error(self.url) from None
         now = time.monotonic()
-        if self.down_since is None:
-            self.down_since = now
-            self.outages += 1
-            reason = mask_text((str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0],
-                               self.url)
+        with self._lock:
+            first = self.down_since is None
+            if first:
+                self.down_since = now
+                self.outages += 1
+            down_since = self.down_since
+        if first:
+            reason = mask_text(_first_line(_root_cause(exc)), self.url)
             self.log(f"storage unreachable ({reason}) while {what}; waiting for it "
                      f"(up to {self.patience:.0f}s, workers.storage_patience)")
-        elif now - self.down_since > self.patience:
-            raise StorageLost(f"storage {mask_url(self.url)} unreachable for {now - self.down_since:.0f}s "
+        elif now - down_since > self.patience:
+            raise StorageLost(f"storage {mask_url(self.url)} unreachable for {now - down_since:.0f}s "
                               f"(workers.storage_patience = {self.patience:.0f}s); giving up") from None
 
     def succeeded(self) -> None:
-        if self.down_since is not None:
-            gone = time.monotonic() - self.down_since
-            self.waited += gone
-            self.log(f"storage is back after {gone:.0f}s")
-            self.down_since = None
+        with self._lock:
+            down_since, self.down_since = self.down_since, None
+            if down_since is None:
+                return
             self.up_since = time.monotonic()
+            gone = self.up_since - down_since
+            self.waited += gone
+        self.log(f"storage is back after {gone:.0f}s")
 
     def settled(self, seconds: float) -> bool:
         """True when the storage has answered for at least ``seconds`` since its last outage.
@@ -533,3 +528,39 @@ class StorageGuard:
         others have had a grace period to beat again would fail trials that are still training.
         """
         return self.down_since is None and time.monotonic() - self.up_since >= seconds
+
+
+def fail_trials_that_never_beat(storage: BaseStorage, study_id: int, older_than: float) -> list[int]:
+    """FAIL the RUNNING trials that never sent a heartbeat and started ``older_than`` seconds ago.
+
+    Optuna's stale check skips a trial without any heartbeat. A worker whose connection dies
+    after its ``ask`` committed, but before the reply or the first heartbeat arrived, leaves such
+    a trial behind: without this sweep it would hold a slot of the budget for ever.
+    """
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if not isinstance(storage, RDBStorage) or not is_heartbeat_enabled(storage):
+        return []
+    import datetime
+
+    import sqlalchemy
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.datetime_start FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
+    with storage.engine.connect() as connection:
+        rows = connection.execute(query, {"study": study_id}).all()
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # Optuna stores UTC
+    failed = []
+    for trial_id, started in rows:
+        if started is not None and (now - started).total_seconds() < older_than:
+            continue
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", "never sent a heartbeat: its worker lost the "
+                                        "storage while starting it")
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except UpdateFinishedTrialError:
+            pass  # another worker got there first
+    return failed

@@ -45,8 +45,10 @@ from alpa_tune.search import (
 from alpa_tune.storage import (
     EXIT_DISK_FULL,
     EXIT_STORAGE_LOST,
+    StorageError,
     StorageGuard,
     count_trial_states,
+    fail_trials_that_never_beat,
     mask_url,
     open_storage,
     storage_errors,
@@ -199,7 +201,7 @@ def trial_loop(
             stop.wait(poll)
             continue
         resilient = ResilientTrial(trial, guard)
-        with _Heartbeat(study, trial._trial_id, heartbeat_interval):
+        with _Heartbeat(study, trial._trial_id, heartbeat_interval, guard):
             state, value, error = _train(objective, resilient)
             if before_record is not None:
                 before_record(trial, state, value)
@@ -351,13 +353,15 @@ class _Heartbeat:
     """Beats for one trial every ``interval`` seconds in a thread, through outages.
 
     Optuna's heartbeats only run inside ``optimize``; this loop records its own result, so it
-    beats itself. A failed beat is skipped: the worker's guard reports the outage.
+    beats itself. A failed beat tells the guard (an outage may fall between two reports, and
+    the guard must know of it to hold back stale-trial checks afterwards) and is skipped.
     """
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float) -> None:
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float, guard: StorageGuard) -> None:
         self.storage = study._storage
         self.trial_id = trial_id
         self.interval = interval
+        self.guard = guard
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -373,11 +377,18 @@ class _Heartbeat:
             self.thread.join()
 
     def _beat(self) -> None:
+        from alpa_tune.storage import StorageLost
+
         while not self.done.wait(self.interval):
             try:
                 self.storage.record_heartbeat(self.trial_id)
-            except storage_errors():
-                pass
+            except storage_errors() as exc:
+                try:
+                    self.guard.failed(exc, "sending heartbeats")
+                except (StorageLost, StorageError):
+                    pass  # the main thread meets the same fault at its next storage call and stops
+            else:
+                self.guard.succeeded()
 
 
 class _BudgetGate:
@@ -414,6 +425,7 @@ class _BudgetGate:
                 # Not right after an outage: live workers need a grace period to beat again.
                 if self.guard.settled(self.grace_period):
                     fail_stale_trials(self.study)
+                    fail_trials_that_never_beat(storage, self.study._study_id, self.grace_period + 60)
                 counts = count_trial_states(storage, self.study._study_id, connection)
                 budget = self._read_budget(force=True)
                 if finished(counts) >= budget:

@@ -6,7 +6,6 @@ so a refusal never says "0.0 GiB free but ... need 0.0 GiB".
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 from alpa_tune.data._types import DataError
@@ -42,8 +41,3 @@ def check_memory(need: int, what: str, hint: str) -> None:
             f"data: {what} need about {format_bytes(need)} of memory but this machine has {format_bytes(room)} "
             f"available; {hint}"
         )
-
-
-def is_disk_full(exc: OSError) -> bool:
-    """ENOSPC, or EDQUOT (a quota): the file system has no room for what was being written."""
-    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))

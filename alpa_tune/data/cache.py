@@ -65,9 +65,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alpa_tune.data._limits import is_disk_full
 from alpa_tune.data._types import DataError, ProgressFn
-from alpa_tune.units import format_bytes
+from alpa_tune.units import DiskFull, format_bytes, is_disk_full
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -466,6 +465,10 @@ def _build_lock(path: Path) -> Iterator[bool]:
 # --- building an entry ------------------------------------------------------------------------
 
 
+class CacheDiskFull(DataError, DiskFull):
+    """The cache's disk filled up while decoding (exit 5, like a full storage disk)."""
+
+
 def _write_error(folder: Path, exc: OSError, need: int) -> DataError:
     """A failed write to the cache as one line: a full disk names the folder and its free space."""
     if is_disk_full(exc):
@@ -473,7 +476,7 @@ def _write_error(folder: Path, exc: OSError, need: int) -> DataError:
             free = format_bytes(shutil.disk_usage(folder).free)
         except OSError:
             free = "unknown"
-        return DataError(
+        return CacheDiskFull(
             f"data.cache_dir: {folder} is full ({free} free) while writing the {format_bytes(need)} of "
             f"decoded images; free space there or point data.cache_dir at a larger disk"
         )
