@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -68,12 +70,42 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
 
 
 def start_worker(study: str, url: str, *extra: str, cwd: Path | None = None,
-                 log: Path | None = None) -> subprocess.Popen:
-    """A real ``alpa-tune worker`` process (output to ``log`` when given)."""
+                 log: Path | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """A real ``alpa-tune worker`` process (output to ``log`` when given; run under ``prefix``, e.g.
+    ``ip netns exec NS``, when given)."""
     env = {**os.environ, "ALPA_TUNE_STORAGE": url, "OMP_NUM_THREADS": "1"}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "alpa_tune", "worker", study, "--threads", "1", *extra],
+    return subprocess.Popen([*prefix, sys.executable, "-m", "alpa_tune", "worker", study, "--threads", "1", *extra],
                             cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[int | None]:
+    """Exit codes; a process still running after ``timeout`` is killed and reported as None."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes.append(None)
+    return codes
+
+
+def read_logs(paths: list[Path]) -> str:
+    """The worker logs that exist, each under its name (for assertion messages)."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in paths if p.exists())
 
 
 def _admin_engine():

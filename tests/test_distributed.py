@@ -15,21 +15,13 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from alpa_tune.storage import driver_url
-from conftest import cli, start_worker, write_config
+from conftest import cli, finish, read_logs, start_worker, wait_for, write_config
 
 
 def _study(url: str, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=driver_url(url))
 
 
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _running_trial_of(url: str, pid: int) -> optuna.trial.FrozenTrial | None:
@@ -39,21 +31,8 @@ def _running_trial_of(url: str, pid: int) -> optuna.trial.FrozenTrial | None:
     return None
 
 
-def _finish(workers: list[subprocess.Popen], timeout: float = 600) -> list[int | None]:
-    """Exit codes; a worker still running after ``timeout`` is killed and reported as None."""
-    deadline = time.monotonic() + timeout
-    codes = []
-    for worker in workers:
-        try:
-            codes.append(worker.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            codes.append(None)
-    return codes
 
 
-def _logs(paths: list[Path]) -> str:
-    return "\n".join(p.read_text() for p in paths if p.exists())
 
 
 def test_four_workers_meet_a_budget_of_twelve_exactly(tmp_path: Path, pg_url: str) -> None:
@@ -61,7 +40,7 @@ def test_four_workers_meet_a_budget_of_twelve_exactly(tmp_path: Path, pg_url: st
     assert cli("study", "create", str(config), "--storage", pg_url).returncode == 0
     logs = [tmp_path / f"w{r}.log" for r in range(4)]
     workers = [start_worker("tiny", pg_url, "--rank", str(r), log=logs[r]) for r in range(4)]
-    assert _finish(workers) == [0, 0, 0, 0], _logs(logs)
+    assert finish(workers) == [0, 0, 0, 0], read_logs(logs)
     study = _study(pg_url)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 12
@@ -86,11 +65,11 @@ def test_sigkilled_worker_trial_is_failed_and_rerun_with_same_params(tmp_path: P
     assert cli("study", "create", str(config), "--storage", pg_url).returncode == 0
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     victim = start_worker("tiny", pg_url, "--rank", "0", log=logs[0])
-    killed = _wait_for(lambda: _running_trial_of(pg_url, victim.pid), 120, "the victim's first trial")
+    killed = wait_for(lambda: _running_trial_of(pg_url, victim.pid), 120, "the victim's first trial")
     survivor = start_worker("tiny", pg_url, "--rank", "1", log=logs[1])
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert survivor.wait(timeout=600) == 0, _logs(logs)
+    assert survivor.wait(timeout=600) == 0, read_logs(logs)
 
     study = _study(pg_url)
     assert study.trials[killed.number].state == TrialState.FAIL  # through the heartbeat, not by the victim
@@ -106,7 +85,7 @@ def test_workers_survive_every_connection_being_terminated(tmp_path: Path, pg_ur
     assert cli("study", "create", str(config), "--storage", pg_url).returncode == 0
     logs = [tmp_path / f"w{r}.log" for r in range(2)]
     workers = [start_worker("tiny", pg_url, "--rank", str(r), log=logs[r]) for r in range(2)]
-    _wait_for(lambda: any(_running_trial_of(pg_url, w.pid) for w in workers), 120, "a running trial")
+    wait_for(lambda: any(_running_trial_of(pg_url, w.pid) for w in workers), 120, "a running trial")
     database = pg_url.rsplit("/", 1)[1]
     admin = sqlalchemy.create_engine(driver_url(pg_url).rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     terminated = 0
@@ -118,7 +97,7 @@ def test_workers_survive_every_connection_being_terminated(tmp_path: Path, pg_ur
         time.sleep(1.5)
     admin.dispose()
     assert terminated > 0
-    assert _finish(workers) == [0, 0], _logs(logs)
+    assert finish(workers) == [0, 0], read_logs(logs)
     assert len(_study(pg_url).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 6
 
 
@@ -141,7 +120,7 @@ def test_sigterm_fails_the_trial_requeues_it_and_exits_cleanly(tmp_path: Path, p
     assert cli("study", "create", str(config), "--storage", pg_url).returncode == 0
     log = tmp_path / "w.log"
     worker = start_worker("tiny", pg_url, log=log)
-    trial = _wait_for(lambda: _running_trial_of(pg_url, worker.pid), 120, "a running trial")
+    trial = wait_for(lambda: _running_trial_of(pg_url, worker.pid), 120, "a running trial")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=120) == 0, log.read_text()
     study = _study(pg_url)
@@ -184,7 +163,7 @@ def test_launcher_restarts_a_killed_worker_and_meets_the_budget(tmp_path: Path, 
                 return int(trial.user_attrs["worker"].rsplit(":", 1)[1])
         return None
 
-    victim = _wait_for(some_worker_running, 120, "a worker running a trial")
+    victim = wait_for(some_worker_running, 120, "a worker running a trial")
     os.kill(victim, signal.SIGKILL)
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output
