@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -19,15 +20,19 @@ class PrivateServer:
 
     ``password``: the postgres superuser's password (scram-sha-256); None means trust auth.
     ``listen``: the address to listen on (a veth address for network tests).
+    ``prefix``: the command its programs run under, e.g. ``ip netns exec NS`` to serve from a
+    network namespace (the default: none, this machine's own network).
     """
 
-    def __init__(self, *, password: str | None = None, listen: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, *, password: str | None = None, listen: str = "127.0.0.1", port: int | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         if not binaries:
             raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
         self.bin_dir = binaries[-1]
         self.listen = listen
         self.password = password
+        self.prefix = list(prefix)
         # Outside pytest's root-only temp tree: the server runs as the postgres user.
         self.folder = Path(tempfile.mkdtemp(prefix="alpa-tune-pg-"))
         self.data = self.folder / "data"
@@ -75,8 +80,8 @@ class PrivateServer:
             engine.dispose()
 
     def _as_postgres(self, *command: str) -> None:
-        done = subprocess.run(["runuser", "-u", "postgres", "--", *command], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([*self.prefix, "runuser", "-u", "postgres", "--", *command], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr.strip() or done.stdout.strip()}")
 
