@@ -16,7 +16,7 @@ import optuna
 
 from alpa_tune.config import ConfigError, SearchConfig, SpaceConfig, StudyConfig, config_from_dict
 from alpa_tune.data import ImageDataset
-from alpa_tune.storage import DiskFullError, StorageLost, open_storage, study_lock
+from alpa_tune.storage import DiskFullError, StorageLost, TrialTakenOver, open_storage, study_lock
 from alpa_tune.training import (
     EpochStats,
     FoldResult,
@@ -212,7 +212,7 @@ class Objective:
             result = cross_validate(config, self.dataset, lambda counts: self._build_loss(name, **kwargs),
                                     on_epoch=on_epoch, on_fold=on_fold, evaluate_each_epoch=by_epoch,
                                     device=self.device)
-        except (optuna.TrialPruned, StorageLost, DiskFullError):
+        except (optuna.TrialPruned, StorageLost, DiskFullError, TrialTakenOver):
             raise
         except StopRequested as exc:
             trial.set_user_attr("fail_reason", f"interrupted ({exc}); queued again")

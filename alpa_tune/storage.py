@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import sqlite3
 import sys
 import threading
@@ -135,10 +134,11 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
         raise StorageError(f"cannot open storage {mask_url(url)}: {_reason(exc, url)}") from None
 
 
-# TCP keepalives: a connection whose server or network vanished errors out within about a
-# minute instead of blocking a worker (or the study lock) forever.
+# A connection whose server or network vanished errors out within about a minute instead of
+# blocking a worker (or the study lock) for ever: keepalives when idle, tcp_user_timeout while a
+# reply is awaited (keepalives do not apply then; the kernel alone would wait ~15 minutes).
 _PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
-                    "keepalives_interval": 10, "keepalives_count": 3}
+                    "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 _TRANSIENT_RETRIES = 4
 _TRANSIENT_MARKERS = ("server closed the connection", "terminating connection", "connection already closed",
                       "could not receive data", "the database system is starting up",
@@ -270,40 +270,57 @@ class _SafeJournalBackend(BaseJournalBackend):
         return self._inner.read_logs(log_number_from)
 
     def repair(self) -> None:
-        """Cut a torn last record off (under the journal lock), if there is one."""
+        """Check the file is a journal and cut a torn last record off (under the journal lock)."""
         self._lock.acquire()
         try:
-            self._repair_locked()
+            _check_journal(self._path)
+            self._cut_fragment()
         finally:
             self._lock.release()
 
-    def _repair_locked(self) -> int:
-        complete = _check_journal(self._path)
-        size = self._path.stat().st_size
-        if complete < size:
-            copy = self._path.with_name(f"{self._path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.copyfile(self._path, copy)
-            with open(self._path, "r+b") as handle:
-                handle.truncate(complete)
-                os.fsync(handle.fileno())
-            print(f"alpa-tune: journal {self._path}: its last record was cut short ({size - complete} bytes; "
-                  f"a crash or a full disk): removed it, the original is kept as {copy.name}", file=sys.stderr)
+    def _cut_fragment(self) -> int:
+        """Remove bytes after the last complete record, keeping them beside the file; the size left.
+
+        Cheap when the file is whole (one byte read), so it runs before every append.
+        """
+        fd = os.open(self._path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+                return size
+            complete = _check_journal(self._path)
+            fragment = os.pread(fd, size - complete, complete)
+            kept = self._path.with_name(f"{self._path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                kept.write_bytes(fragment)
+            except OSError:
+                kept.unlink(missing_ok=True)
+                raise  # a full disk: leave the journal as it is; the next writer repairs it
+            os.ftruncate(fd, complete)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        print(f"alpa-tune: journal {self._path}: its last record was cut short ({size - complete} bytes; "
+              f"a crash or a full disk): removed it, the cut-off bytes are kept in {kept.name}", file=sys.stderr)
         return complete
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
         self._lock.acquire()
         try:
-            start = self._repair_locked()
-            with open(self._path, "r+b") as handle:
-                handle.seek(start)
-                try:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                except OSError:
-                    handle.truncate(start)  # no fragment left for the next writer to glue onto
-                    raise
+            start = self._cut_fragment()
+            # Unbuffered: after a failed write no buffer is left to be flushed behind the truncate.
+            fd = os.open(self._path, os.O_WRONLY)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], start + written)
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # no fragment left for the next writer to glue onto
+                raise
+            finally:
+                os.close(fd)
         finally:
             self._lock.release()
 
@@ -403,6 +420,10 @@ class DiskFullError(StorageError, DiskFull):
 
 class StorageLost(RuntimeError):
     """The storage stayed unreachable for longer than ``workers.storage_patience``."""
+
+
+class TrialTakenOver(RuntimeError):
+    """This worker's trial was failed by its heartbeat (the worker was cut off) and re-queued."""
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

@@ -47,6 +47,7 @@ from alpa_tune.storage import (
     EXIT_STORAGE_LOST,
     StorageError,
     StorageGuard,
+    TrialTakenOver,
     count_trial_states,
     fail_trials_that_never_beat,
     mask_url,
@@ -185,7 +186,7 @@ def trial_loop(
     """
     guard = StorageGuard(url, patience, log=log, stop=stop)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
-    gate = _BudgetGate(study, url, guard, grace_period)
+    gate = _BudgetGate(study, url, guard, grace_period, retry)
     result = WorkerResult()
     failures = 0
     while not stop.is_set():
@@ -242,6 +243,8 @@ def _train(objective: Callable[[Any], float], trial: ResilientTrial) -> tuple[Tr
         return TrialState.PRUNED, None, None
     except (StorageLost, DiskFullError):
         raise
+    except TrialTakenOver as exc:  # stop training a trial that another worker now runs
+        return TrialState.FAIL, None, exc
     except Exception as exc:  # noqa: BLE001 - the trial fails, the worker goes on
         return TrialState.FAIL, None, exc
 
@@ -259,8 +262,12 @@ def _record(study: optuna.Study, trial: ResilientTrial, state: TrialState, value
 
     def attempt() -> str:
         nonlocal attempted
-        trial.flush()
         current = storage.get_trial(trial._trial_id)
+        if current.state == TrialState.RUNNING:
+            try:
+                trial.flush()
+            except TrialTakenOver:
+                current = storage.get_trial(trial._trial_id)
         if current.state == TrialState.RUNNING:
             attempted = True
             try:
@@ -329,13 +336,18 @@ class ResilientTrial:
             return False
 
     def flush(self) -> None:
-        """Write the kept reports in order; raises the storage's error if it is still away."""
+        """Write the kept reports in order; raises the storage's error if it is still away, and
+        ``TrialTakenOver`` if the trial was meanwhile failed (by its heartbeat) and re-queued."""
         while self._pending:
             kind, key, value = self._pending[0]
-            if kind == "report":
-                self._trial.report(value, key)
-            else:
-                self._trial.set_user_attr(key, value)
+            try:
+                if kind == "report":
+                    self._trial.report(value, key)
+                else:
+                    self._trial.set_user_attr(key, value)
+            except UpdateFinishedTrialError:
+                self._pending.clear()
+                raise TrialTakenOver(f"trial {self._trial.number} was finished by another process") from None
             self._pending.pop(0)
 
     def _write(self, kind: str, key: Any, value: Any) -> None:
@@ -400,8 +412,10 @@ class _BudgetGate:
 
     BUDGET_REFRESH_SECONDS = 30.0
 
-    def __init__(self, study: optuna.Study, url: str, guard: StorageGuard, grace_period: float) -> None:
+    def __init__(self, study: optuna.Study, url: str, guard: StorageGuard, grace_period: float,
+                 retry: RetryHeartbeatStaleTrialCallback) -> None:
         self.study = study
+        self.retry = retry
         self.url = url
         self.guard = guard
         self.grace_period = grace_period
@@ -413,6 +427,22 @@ class _BudgetGate:
             self._budget = study_budget(self.study)
             self._budget_read_at = time.monotonic()
         return self._budget
+
+    def _fail_trials_of_dead_local_workers(self) -> None:
+        """Without heartbeats (journal files, one host), fail and re-queue the RUNNING trials
+        whose worker on this host is gone (killed, or stopped by a full disk)."""
+        host = socket.gethostname()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+            if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
+                continue
+            self.study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                                    f"its worker {host}:{pid} is gone; queued again")
+            try:
+                self.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue
+            self.retry(self.study, self.study._storage.get_trial(trial._trial_id))
 
     def next_trial(self) -> optuna.Trial | str:
         """A new RUNNING trial (already beating), or "done" / "wait"."""
@@ -426,6 +456,8 @@ class _BudgetGate:
                 if self.guard.settled(self.grace_period):
                     fail_stale_trials(self.study)
                     fail_trials_that_never_beat(storage, self.study._study_id, self.grace_period + 60)
+                if not is_heartbeat_enabled(storage):
+                    self._fail_trials_of_dead_local_workers()
                 counts = count_trial_states(storage, self.study._study_id, connection)
                 budget = self._read_budget(force=True)
                 if finished(counts) >= budget:
@@ -440,6 +472,16 @@ class _BudgetGate:
                 # A trial without any heartbeat is never judged stale: beat before the lock goes.
                 storage.record_heartbeat(trial._trial_id)
             return trial
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _install_stop_handlers(stop: threading.Event, log: Callable[[str], None]) -> None:
