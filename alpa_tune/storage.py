@@ -361,17 +361,21 @@ def _postgres_lock(url: str, name: str) -> Iterator[Any]:
     import sqlalchemy
 
     key = zlib.crc32(name.encode()) - 2**31  # a stable signed 32-bit key
-    connection = _lock_connections.get(url)
-    if connection is None or connection.closed or connection.invalidated:
-        engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool,
-                                          connect_args=_PG_CONNECT_ARGS)
-        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        _lock_connections[url] = connection
-    try:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-    except sqlalchemy.exc.DBAPIError:
-        _drop_lock_connection(url)  # killed by the server or the network: reconnect next time
-        raise
+    for attempt in range(2):
+        connection = _lock_connections.get(url)
+        if connection is None or connection.closed or connection.invalidated:
+            engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool,
+                                              connect_args=_PG_CONNECT_ARGS)
+            connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            _lock_connections[url] = connection
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            break
+        except sqlalchemy.exc.DBAPIError as exc:
+            _drop_lock_connection(url)
+            # A kept connection that a server restart or the network killed: one fresh try now.
+            if attempt or not exc.connection_invalidated:
+                raise
     try:
         yield connection
     finally:
