@@ -126,17 +126,7 @@ def _build_in_child(root: str, cache_dir: str, barrier: mp.Barrier, queue: mp.Qu
 @pytest.mark.parametrize("lock", [True, False], ids=["with-lock", "rename-only"])
 def test_concurrent_builders_produce_one_valid_cache(tmp_path: Path, lock: bool) -> None:
     write_tree(tmp_path / "d", per_class=40)
-    # fork: cheap to start, and the children only use numpy and PIL (no torch threads).
-    ctx = mp.get_context("fork")
-    queue, barrier, workers = ctx.Queue(), ctx.Barrier(4), 4
-    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path / "d"), str(tmp_path / "c"), barrier, queue, lock))
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = _in_four_children(_build_in_child, str(tmp_path / "d"), str(tmp_path / "c"), lock=lock)
     reference = load_dataset(cfg(tmp_path / "d", tmp_path / "fresh"))
     expected = hashlib.sha256(np.asarray(reference.images).tobytes()).hexdigest()
     assert {r[0] for r in results} == {expected}
@@ -300,13 +290,22 @@ def test_workers_starting_together_hash_once(tmp_path: Path) -> None:
     config = big_tree(tmp_path)
     load_dataset(config)
     time.sleep(cache._RACY_S + 0.1)  # past the racy window after the build
+    counts = _in_four_children(_load_and_count, str(tmp_path / "d"), str(tmp_path / "c"))
+    assert sorted(counts) == [0, 0, 0, 1]  # one hashed under the lock; the others trusted its stamp
+
+
+def _in_four_children(target, *args, **kwargs) -> list:
+    """Run ``target(*args, barrier, queue, **kwargs)`` in 4 processes released together; their results.
+
+    fork: cheap to start, and the children only use numpy and PIL (no torch threads).
+    """
     ctx = mp.get_context("fork")
-    queue, barrier, workers = ctx.Queue(), ctx.Barrier(4), 4
-    procs = [ctx.Process(target=_load_and_count, args=(str(tmp_path / "d"), str(tmp_path / "c"), barrier, queue))
-             for _ in range(workers)]
+    queue, barrier = ctx.Queue(), ctx.Barrier(4)
+    procs = [ctx.Process(target=target, args=(*args, barrier, queue), kwargs=kwargs) for _ in range(4)]
     for p in procs:
         p.start()
-    counts = [queue.get(timeout=60) for _ in procs]
+    results = [queue.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    assert sorted(counts) == [0, 0, 0, 1]  # one hashed under the lock; the others trusted its stamp
+        assert p.exitcode == 0
+    return results
