@@ -89,10 +89,11 @@ def test_study_commands_and_export(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("worker", "nope"), "study 'nope' does not exist"),
-        (("export", "nope"), "study 'nope' does not exist"),
-        (("study", "show", "nope"), "study 'nope' does not exist"),
+        # Read-only commands refuse a storage file that is not there instead of creating it.
+        (("export", "nope"), "alpa-tune.db does not exist (nothing to read"),
+        (("study", "show", "nope"), "alpa-tune.db does not exist (nothing to read"),
         (("study", "list", "--storage", "redis://localhost/0"), "unknown scheme 'redis'"),
-        (("study", "list", "--storage", "sqlite:////no/such/folder/x.db"), "folder /no/such/folder does not exist"),
+        (("study", "list", "--storage", "sqlite:////no/such/folder/x.db"), "/no/such/folder/x.db does not exist"),
         (("run", "missing.toml"), "config file missing.toml does not exist"),
     ],
 )

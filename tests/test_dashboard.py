@@ -83,6 +83,7 @@ def test_dashboard_serves_the_study_and_trial_attrs_from_postgresql(study_dir: P
 
 
 def test_a_taken_port_is_one_line_exit_2(tmp_path: Path) -> None:
+    open_storage(f"sqlite:///{tmp_path / 'x.db'}")  # an existing (empty) storage: only the port is wrong
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
