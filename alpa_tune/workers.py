@@ -258,28 +258,25 @@ def _record(study: optuna.Study, trial: ResilientTrial, state: TrialState, value
     judged it stale and another worker got its retry: the result is not written over that.
     """
     storage = study._storage
-    attempted = False
+    told = False
 
     def attempt() -> str:
-        nonlocal attempted
-        current = storage.get_trial(trial._trial_id)
-        if current.state == TrialState.RUNNING:
-            try:
-                trial.flush()
-            except TrialTakenOver:
-                current = storage.get_trial(trial._trial_id)
-        if current.state == TrialState.RUNNING:
-            attempted = True
-            try:
-                study.tell(trial.wrapped, value if state == TrialState.COMPLETE else None, state=state)
-                return "recorded"
-            except (ValueError, UpdateFinishedTrialError):
-                current = storage.get_trial(trial._trial_id)  # failed by a heartbeat check just now?
-                if current.state == TrialState.RUNNING:
-                    raise
-        if attempted and current.state == state and (state != TrialState.COMPLETE or current.value == value):
+        nonlocal told
+        if told:  # an earlier tell may have been committed before its reply was lost
+            current = storage.get_trial(trial._trial_id)
+            if current.state != TrialState.RUNNING:
+                same = current.state == state and (state != TrialState.COMPLETE or current.value == value)
+                return "recorded" if same else "stale"
+        try:
+            trial.flush()
+            told = True
+            # Optuna's tell reads the trial first and refuses one that is no longer RUNNING.
+            study.tell(trial.wrapped, value if state == TrialState.COMPLETE else None, state=state)
             return "recorded"
-        return "stale"
+        except (TrialTakenOver, ValueError, UpdateFinishedTrialError):
+            if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                raise
+            return "stale"  # failed by a heartbeat check and re-queued for another worker
 
     return guard.call(attempt, f"recording trial {trial.number}'s result")
 
