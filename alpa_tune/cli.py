@@ -56,11 +56,16 @@ def run(
     workers: Annotated[int, typer.Option(help="Local worker processes (CPU), or per GPU with --gpus.", min=1)] = 2,
     gpus: Annotated[str | None, typer.Option(help="GPU indices to use, e.g. 0,1 (default: all visible GPUs, else CPU).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for best.json and the worker logs.")] = Path("alpa-tune-out"),
+    lower_budget: Annotated[bool, typer.Option("--lower-budget", help="Allow --trials below the study's "
+                                               "current budget (running workers stop at the new one).")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Create the study if new, run local workers until the budget is met, write OUT/best.json."""
+    """Create the study if new, run local workers until the budget is met, write OUT/best.json.
+
+    On an existing study the config must be the one it was created with (machine-local keys such
+    as data.path aside): a change is refused before any work, key by key."""
     from alpa_tune.config import MACHINE_LOCAL_KEYS, load_config, override_keys
-    from alpa_tune.search import create_study
+    from alpa_tune.search import check_existing_study, create_study
 
     overrides = set_ or []
     config = load_config(config_path, overrides)
@@ -68,8 +73,9 @@ def run(
     gpu_list = _gpus(gpus)  # refused before the data is loaded or the study exists
     _check_writable(out)
     _check_storage(url)
+    check_existing_study(config, url, trials, lower_budget=lower_budget)  # drift and budget, before the data
     _prepare_data(config)
-    create_study(config, url, budget=trials)
+    create_study(config, url, budget=trials, lower_budget=lower_budget)
     console.print(f"study [bold]{config.name}[/] in {_masked(url)}")
     local = [item for item, key in zip(overrides, override_keys(overrides)) if key in MACHINE_LOCAL_KEYS]
     code = _launch(config.name, url, gpu_list, workers if gpus else 1, workers, local, out)

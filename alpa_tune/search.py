@@ -14,9 +14,24 @@ from typing import Any
 import numpy as np
 import optuna
 
-from alpa_tune.config import ConfigError, SearchConfig, SpaceConfig, StudyConfig, config_from_dict
+from alpa_tune.config import (
+    MACHINE_LOCAL_KEYS,
+    ConfigError,
+    SearchConfig,
+    SpaceConfig,
+    StudyConfig,
+    config_from_dict,
+)
 from alpa_tune.data import ImageDataset
-from alpa_tune.storage import DiskFullError, StorageLost, TrialTakenOver, open_storage, study_lock
+from alpa_tune.storage import (
+    DiskFullError,
+    StorageLost,
+    TrialTakenOver,
+    count_trial_states,
+    journal_or_sqlite_path,
+    open_storage,
+    study_lock,
+)
 from alpa_tune.training import (
     EpochStats,
     FoldResult,
@@ -103,11 +118,13 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
 
 
-def create_study(config: StudyConfig, storage_url: str, budget: int | None = None) -> optuna.Study:
+def create_study(config: StudyConfig, storage_url: str, budget: int | None = None, *,
+                 lower_budget: bool = False) -> optuna.Study:
     """Create (or load) the study, store its config and enqueue the paper's points exactly once.
 
-    Safe to call from many processes at once: the schema is created under a lock
-    (storage.open_storage) and seeding under the study's lock.
+    An existing study must have been created with the same settings (``check_study``), and its
+    budget changes only as ``check_study`` allows. Safe to call from many processes at once: the
+    schema is created under a lock (storage.open_storage) and seeding under the study's lock.
     """
     storage = open_storage(storage_url)
     with study_lock(storage_url, config.name):
@@ -120,6 +137,8 @@ def create_study(config: StudyConfig, storage_url: str, budget: int | None = Non
             from alpa_tune.dashboard import save_study_note  # the config as the dashboard's study note
 
             save_study_note(study, config)
+        else:
+            check_study(study, config, budget, lower_budget=lower_budget)
         if budget is not None or BUDGET_ATTR not in attrs:
             study.set_user_attr(BUDGET_ATTR, budget if budget is not None else config.search.n_trials)
         if not attrs.get(SEEDED_ATTR):
@@ -128,6 +147,65 @@ def create_study(config: StudyConfig, storage_url: str, budget: int | None = Non
                     study.enqueue_trial(point, user_attrs={"seed_point": "paper"})
             study.set_user_attr(SEEDED_ATTR, True)
     return study
+
+
+def check_existing_study(config: StudyConfig, storage_url: str, budget: int | None = None, *,
+                         lower_budget: bool = False) -> None:
+    """Before any work: refuse settings that differ from an existing study's, or a budget change
+    it does not allow. Nothing is created: a missing storage file or study passes."""
+    path = journal_or_sqlite_path(storage_url)
+    if path is not None and not path.exists():
+        return
+    try:
+        study = optuna.load_study(study_name=config.name, storage=open_storage(storage_url))
+    except KeyError:
+        return
+    if CONFIG_ATTR in study.user_attrs:
+        check_study(study, config, budget, lower_budget=lower_budget)
+
+
+def check_study(study: optuna.Study, config: StudyConfig, budget: int | None, *, lower_budget: bool) -> None:
+    """The given config must equal the stored one (machine-local keys and the budget aside), and
+    ``budget`` may not go below the finished trials, nor below the stored budget unless asked."""
+    drift = config_drift(stored_config(study), config)
+    if drift:
+        shown = "\n".join(f"  {line}" for line in drift[:5])
+        more = f"\n  ... and {len(drift) - 5} more" if len(drift) > 5 else ""
+        raise ConfigError(
+            f"study {study.study_name!r} was created with other settings; every trial of a study trains the "
+            f"same way:\n{shown}{more}\nrevert them, or start a new study under another name "
+            f"(--set name=NEW_NAME)")
+    if budget is None:
+        return
+    counts = count_trial_states(study._storage, study._study_id)
+    done = counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED]
+    if budget < done:
+        raise ConfigError(f"--trials {budget}: study {study.study_name!r} already has {done} finished trials; "
+                          "nothing was changed (a budget counts finished trials, so it cannot go below that)")
+    stored = study_budget(study)
+    if budget < stored and not lower_budget:
+        raise ConfigError(f"--trials {budget} is below study {study.study_name!r}'s budget of {stored}; nothing "
+                          f"was changed. To lower it (running workers stop at the new budget), add --lower-budget")
+
+
+NOT_DRIFT = MACHINE_LOCAL_KEYS | {"search.n_trials"}  # where each machine's data lives; the budget
+
+
+def config_drift(stored: StudyConfig, given: StudyConfig) -> list[str]:
+    """``"training.lr: stored 0.003, given 0.5"`` for every key that differs, machine-local keys aside."""
+    old, new = _flat(stored.to_dict()), _flat(given.to_dict())
+    return [f"{key}: stored {old.get(key)!r}, given {new.get(key)!r}"
+            for key in sorted(old.keys() | new.keys()) if key not in NOT_DRIFT and old.get(key) != new.get(key)]
+
+
+def _flat(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def stored_config(study: optuna.Study) -> StudyConfig:

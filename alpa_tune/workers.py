@@ -403,11 +403,9 @@ class _Heartbeat:
 class _BudgetGate:
     """Decides, under the study lock, whether this worker may start a trial, and starts it.
 
-    The budget (a study attribute) is re-read only when it could change the decision or
-    every BUDGET_REFRESH_SECONDS; each trial otherwise costs the lock and one count query.
+    The budget (a study attribute) is read at every decision, so a budget lowered while workers
+    run is honoured at once and never overshot.
     """
-
-    BUDGET_REFRESH_SECONDS = 30.0
 
     def __init__(self, study: optuna.Study, url: str, guard: StorageGuard, grace_period: float,
                  retry: RetryHeartbeatStaleTrialCallback) -> None:
@@ -416,14 +414,6 @@ class _BudgetGate:
         self.url = url
         self.guard = guard
         self.grace_period = grace_period
-        self._budget: int | None = None
-        self._budget_read_at = 0.0
-
-    def _read_budget(self, force: bool) -> int:
-        if force or self._budget is None or time.monotonic() - self._budget_read_at > self.BUDGET_REFRESH_SECONDS:
-            self._budget = study_budget(self.study)
-            self._budget_read_at = time.monotonic()
-        return self._budget
 
     def _fail_trials_of_dead_local_workers(self) -> None:
         """Without heartbeats (journal files, one host), fail and re-queue the RUNNING trials
@@ -446,7 +436,8 @@ class _BudgetGate:
         storage = self.study._storage
         with study_lock(self.url, self.study.study_name) as connection:
             counts = count_trial_states(storage, self.study._study_id, connection)
-            if finished(counts) + counts[TrialState.RUNNING] >= self._read_budget(force=False):
+            budget = study_budget(self.study)
+            if finished(counts) + counts[TrialState.RUNNING] >= budget:
                 # Before stopping or waiting: fail the trials of dead workers (heartbeats only
                 # do so inside optimize) so their retries get a slot, and confirm the budget.
                 # Not right after an outage: live workers need a grace period to beat again.
@@ -456,7 +447,6 @@ class _BudgetGate:
                 if not is_heartbeat_enabled(storage):
                     self._fail_trials_of_dead_local_workers()
                 counts = count_trial_states(storage, self.study._study_id, connection)
-                budget = self._read_budget(force=True)
                 if finished(counts) >= budget:
                     return "done"
                 if finished(counts) + counts[TrialState.RUNNING] >= budget:
