@@ -108,6 +108,30 @@ def read_logs(paths: list[Path]) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in paths if p.exists())
 
 
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Kill whatever a test left running (a failed assertion skips its own clean-up, and a
+    launcher's workers live in sessions of their own): every process the test starts inherits a
+    marker in its environment, and those still alive afterwards get SIGKILL."""
+    import signal
+
+    marker = uuid.uuid4().hex
+    os.environ["ALPA_TUNE_TEST_OWNER"] = marker
+    try:
+        yield
+    finally:
+        del os.environ["ALPA_TUNE_TEST_OWNER"]
+        needle = f"ALPA_TUNE_TEST_OWNER={marker}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
 def _admin_engine():
     import sqlalchemy
 
