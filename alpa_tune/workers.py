@@ -34,6 +34,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
+from alpa_tune.units import is_disk_full
 from alpa_tune.search import (
     Objective,
     allocate_rank,
@@ -49,6 +50,7 @@ from alpa_tune.storage import (
     StorageGuard,
     TrialTakenOver,
     count_trial_states,
+    disk_full_error,
     fail_trials_that_never_beat,
     mask_url,
     open_storage,
@@ -106,7 +108,29 @@ def run_worker(
     log: Callable[[str], None] = print,
     install_signal_handlers: bool = True,
 ) -> WorkerResult:
-    """Pull trials until the study's budget is met (or ``max_trials`` of our own ran)."""
+    """Pull trials until the study's budget is met (or ``max_trials`` of our own ran).
+
+    A full disk under the storage, met anywhere (start-up included), ends it with ``DiskFullError``.
+    """
+    try:
+        return _run_worker(study_name, url, max_trials=max_trials, rank=rank, overrides=overrides, log=log,
+                           install_signal_handlers=install_signal_handlers)
+    except storage_errors() as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(url) from None
+        raise
+
+
+def _run_worker(
+    study_name: str,
+    url: str,
+    *,
+    max_trials: int | None,
+    rank: int | None,
+    overrides: Sequence[str],
+    log: Callable[[str], None],
+    install_signal_handlers: bool,
+) -> WorkerResult:
     import torch
 
     from alpa_tune.data import load_dataset
@@ -128,7 +152,9 @@ def run_worker(
     dataset = load_dataset(config.data)  # once per process, shared by every trial
 
     storage = open_storage(url, config.workers)
-    rank = allocate_rank(optuna.load_study(study_name=study_name, storage=storage), url, rank)
+    startup = StorageGuard(url, config.workers.storage_patience, log=log)
+    rank = startup.call(lambda: allocate_rank(optuna.load_study(study_name=study_name, storage=storage), url, rank),
+                        "taking a rank")
     study = load_study(study_name, url, storage=storage, sampler=make_sampler(config.search, rank),
                        pruner=make_pruner(config))
     log(f"worker {socket.gethostname()}:{os.getpid()} rank {rank}: study {study_name!r} in {mask_url(url)}, "
