@@ -182,7 +182,7 @@ def test_a_disk_that_fills_up_during_a_run_stops_it_with_one_line(tmp_path: Path
     assert before >= 1
     show = cli("study", "show", "tiny", "--storage", url)
     assert show.returncode == 0, show.stderr
-    again = cli("run", str(config), "--storage", url, "--workers", "1", "--trials", str(before + 1),
+    again = cli("run", str(config), "--storage", url, "--workers", "1", "--trials", str(before + 1), "--lower-budget",
                 "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert _finished(url) == before + 1

@@ -152,8 +152,11 @@ def test_report_bad_input(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stdout + done.stderr
         assert message in done.stderr and done.stderr.strip().count("\n") == 0
 
-    one_line(cli("report", "nope", cwd=tmp_path), "study 'nope' does not exist")
+    # No storage file yet: refused without creating one.
+    one_line(cli("report", "nope", cwd=tmp_path), "alpa-tune.db does not exist (nothing to read")
+    assert not (tmp_path / "alpa-tune.db").exists()
     create_study(load_config(write_config(tmp_path, "empty")), sqlite_url(tmp_path))
+    one_line(cli("report", "nope", cwd=tmp_path), "study 'nope' does not exist")
     one_line(cli("report", "empty", cwd=tmp_path), "study 'empty' has no completed trial yet; nothing to report")
     _rich_study(tmp_path)
     blocker = tmp_path / "a-file"
