@@ -393,6 +393,18 @@ def _drop_lock_connection(url: str) -> None:
             connection.close()
 
 
+def read_study_attr(storage: BaseStorage, study_id: int, key: str, connection: Any = None) -> Any:
+    """One study user attribute (None if unset). On an RDB one indexed query on ``connection``
+    (the study lock's), not a load of every attribute through a pooled session (it runs per trial)."""
+    if isinstance(storage, RDBStorage) and connection is not None:
+        import sqlalchemy
+
+        query = sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :study AND key = :key")
+        row = connection.execute(query, {"study": study_id, "key": key}).first()
+        return None if row is None else json.loads(row[0])
+    return storage.get_study_user_attrs(study_id).get(key)
+
+
 def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = None) -> dict[TrialState, int]:
     """Trials per state. On an RDB one GROUP BY query, not a load of every trial (it runs per
     trial); ``connection`` (the study lock's) saves a pool checkout."""

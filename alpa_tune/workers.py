@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
 from alpa_tune.units import is_disk_full
 from alpa_tune.search import (
+    BUDGET_ATTR,
     Objective,
     allocate_rank,
     make_pruner,
@@ -53,6 +54,7 @@ from alpa_tune.storage import (
     disk_full_error,
     fail_trials_that_never_beat,
     mask_url,
+    read_study_attr,
     open_storage,
     storage_errors,
     study_lock,
@@ -407,14 +409,14 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        # Not joined: a beat still in flight is harmless once the trial is recorded (only RUNNING
+        # trials are judged), and waiting for it would put a write on every trial's path.
         self.done.set()
-        if self.thread is not None:
-            self.thread.join()
 
     def _beat(self) -> None:
         from alpa_tune.storage import StorageLost
 
-        while not self.done.wait(self.interval):
+        while not self.done.is_set():  # the first beat at once: a trial without one is never judged stale
             try:
                 self.storage.record_heartbeat(self.trial_id)
             except storage_errors() as exc:
@@ -424,6 +426,7 @@ class _Heartbeat:
                     pass  # the main thread meets the same fault at its next storage call and stops
             else:
                 self.guard.succeeded()
+            self.done.wait(self.interval)
 
 
 class _BudgetGate:
@@ -462,7 +465,8 @@ class _BudgetGate:
         storage = self.study._storage
         with study_lock(self.url, self.study.study_name) as connection:
             counts = count_trial_states(storage, self.study._study_id, connection)
-            budget = study_budget(self.study)
+            stored = read_study_attr(storage, self.study._study_id, BUDGET_ATTR, connection)
+            budget = int(stored) if stored is not None else study_budget(self.study)
             if finished(counts) + counts[TrialState.RUNNING] >= budget:
                 # Before stopping or waiting: fail the trials of dead workers (heartbeats only
                 # do so inside optimize) so their retries get a slot, and confirm the budget.
@@ -480,11 +484,9 @@ class _BudgetGate:
             with warnings.catch_warnings():
                 # "Heartbeat ... supposed to be used with Study.optimize": this loop beats itself.
                 warnings.simplefilter("ignore", UserWarning)
-                trial = self.study.ask()
-            if is_heartbeat_enabled(storage):
-                # A trial without any heartbeat is never judged stale: beat before the lock goes.
-                storage.record_heartbeat(trial._trial_id)
-            return trial
+                # The first heartbeat comes from the trial's heartbeat thread; a worker that dies
+                # before it leaves a trial that fail_trials_that_never_beat fails later.
+                return self.study.ask()
 
 
 def _process_alive(pid: int) -> bool:
