@@ -410,14 +410,13 @@ def _gpus(text: str | None) -> list[int]:
 def _check_storage(url: str) -> None:
     """Check the storage before any work: a bad file, a wrong password or a full disk is one line
     now, and bad input later on leaves no new storage file behind."""
-    from alpa_tune.storage import StorageError, check_free_space, journal_or_sqlite_path, open_storage
+    from alpa_tune.storage import check_free_space, journal_or_sqlite_path, open_storage, require_folder
 
     path = journal_or_sqlite_path(url)
     if path is None:
         open_storage(url)  # PostgreSQL: reachable, password right, database there
         return
-    if not path.parent.is_dir():
-        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+    require_folder(url, path)
     check_free_space(path.parent, "storage")
     if path.exists():
         open_storage(url)  # an existing file must be a storage we can read (and a whole journal)

@@ -30,6 +30,7 @@ from alpa_tune.storage import (
     count_trial_states,
     journal_or_sqlite_path,
     open_storage,
+    read_study_attr,
     study_lock,
 )
 from alpa_tune.training import (
@@ -238,9 +239,10 @@ def allocate_rank(study: optuna.Study, url: str, explicit: int | None = None) ->
     return rank
 
 
-def study_budget(study: optuna.Study) -> int:
-    attrs = study.user_attrs
-    return int(attrs[BUDGET_ATTR]) if BUDGET_ATTR in attrs else stored_config(study).search.n_trials
+def study_budget(study: optuna.Study, connection: Any = None) -> int:
+    """The study's budget; ``connection`` (the study lock's, PostgreSQL) reads it in one query."""
+    stored = read_study_attr(study._storage, study._study_id, BUDGET_ATTR, connection)
+    return int(stored) if stored is not None else stored_config(study).search.n_trials
 
 
 class Objective:
@@ -258,9 +260,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.config
+        trial.set_user_attr("worker", worker_id())  # first: a trial whose worker dies is then traceable
         params = suggest(trial, config.search)
         name, kwargs = loss_spec(params, config.search.space)
-        trial.set_user_attr("worker", worker_id())
         if os.environ.get("SLURM_ARRAY_TASK_ID"):  # which array task ran it, as squeue and scancel name it
             trial.set_user_attr("slurm_task", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
         trial.set_user_attr("loss", {"name": name, "params": kwargs})

@@ -151,6 +151,10 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _reason(exc: BaseException, url: str) -> str:
+    """The driver's own message, masked: under Optuna's and SQLAlchemy's wrappers ("invalid data
+    in the commit, e.g. exceeding max length" says nothing about a server that went away)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     original = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
     # psycopg2 puts the useful part ("password authentication failed", "does not exist") last.
@@ -158,12 +162,17 @@ def _reason(exc: BaseException, url: str) -> str:
     return mask_text(text, url)
 
 
+def require_folder(url: str, path: Path) -> None:
+    """A storage file's folder must exist: we create files, never folders."""
+    if not path.parent.is_dir():
+        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+
+
 def _prepare_sqlite(url: str) -> None:
     path = sqlite_path(url)
     if path is None:
         return
-    if not path.parent.is_dir():
-        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+    require_folder(url, path)
     # WAL lets the dashboard and readers work while a worker writes; it is a property of the file.
     with contextlib.closing(sqlite3.connect(path, timeout=60)) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
@@ -191,8 +200,7 @@ def _open_journal(url: str, repair: bool = True) -> BaseStorage:
     from optuna.storages.journal import JournalStorage
 
     path = _journal_path(url)
-    if not str(path) or not path.parent.is_dir():
-        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+    require_folder(url, path)
     if path.is_dir():
         raise StorageError(f"storage {url}: {path} is a folder, not a journal file")
     try:
@@ -474,19 +482,6 @@ def check_free_space(path: Path, what: str, minimum: int = 64 * 2**20) -> None:
                             f"(at least {format_bytes(minimum)} needed); free space or choose another place")
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The driver's own error under Optuna's and SQLAlchemy's wrappers ("invalid data in the
-    commit, e.g. exceeding max length" says nothing about a server that went away)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return getattr(exc, "orig", None) or exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 class StorageGuard:
     """Waits out storage outages for one process, up to ``patience`` seconds each.
 
@@ -541,7 +536,7 @@ class StorageGuard:
                 self.outages += 1
             down_since = self.down_since
         if first:
-            reason = mask_text(_first_line(_root_cause(exc)), self.url)
+            reason = _reason(exc, self.url)
             self.log(f"storage unreachable ({reason}) while {what}; waiting for it "
                      f"(up to {self.patience:.0f}s, workers.storage_patience)")
         elif now - down_since > self.patience:

@@ -15,6 +15,7 @@ and re-queued for another worker.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -36,7 +37,6 @@ from optuna.trial import TrialState
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
 from alpa_tune.units import is_disk_full
 from alpa_tune.search import (
-    BUDGET_ATTR,
     Objective,
     allocate_rank,
     make_pruner,
@@ -54,7 +54,6 @@ from alpa_tune.storage import (
     disk_full_error,
     fail_trials_that_never_beat,
     mask_url,
-    read_study_attr,
     open_storage,
     storage_errors,
     study_lock,
@@ -446,14 +445,21 @@ class _BudgetGate:
 
     def _fail_trials_of_dead_local_workers(self) -> None:
         """Without heartbeats (journal files, one host), fail and re-queue the RUNNING trials
-        whose worker on this host is gone (killed, or stopped by a full disk)."""
+        whose worker on this host is gone (killed, or stopped by a full disk), and those that
+        never named a worker (it died right after asking) once they are older than the grace
+        period plus a minute."""
         host = socket.gethostname()
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            if not pid:
+                started = trial.datetime_start
+                age = (datetime.datetime.now(started.tzinfo) - started).total_seconds() if started else float("inf")
+                if age < self.grace_period + 60:
+                    continue
+            elif worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue
             self.study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                                    f"its worker {host}:{pid} is gone; queued again")
+                                                    f"its worker {host}:{pid or '?'} is gone; queued again")
             try:
                 self.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             except UpdateFinishedTrialError:
@@ -465,8 +471,7 @@ class _BudgetGate:
         storage = self.study._storage
         with study_lock(self.url, self.study.study_name) as connection:
             counts = count_trial_states(storage, self.study._study_id, connection)
-            stored = read_study_attr(storage, self.study._study_id, BUDGET_ATTR, connection)
-            budget = int(stored) if stored is not None else study_budget(self.study)
+            budget = study_budget(self.study, connection)
             if finished(counts) + counts[TrialState.RUNNING] >= budget:
                 # Before stopping or waiting: fail the trials of dead workers (heartbeats only
                 # do so inside optimize) so their retries get a slot, and confirm the budget.
