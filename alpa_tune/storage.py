@@ -104,9 +104,12 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
         }
     try:
         if scheme == "sqlite":
-            _prepare_sqlite(url)
-            # A long busy timeout: local workers share one file and queue for its write lock.
-            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat)
+            # Optuna's table creation races when two runs meet a new file ("table
+            # study_directions already exists"): one process at a time creates the schema.
+            with contextlib.nullcontext() if read_only else _schema_lock(url):
+                _prepare_sqlite(url)
+                # A long busy timeout: local workers share one file and queue for its write lock.
+                return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat)
         engine_kwargs = {
             "pool_pre_ping": True,  # a connection killed by the server is replaced, not used
             "pool_size": 2,
@@ -351,10 +354,29 @@ def study_lock(url: str, study_name: str) -> Iterator[Any]:
         yield None
         return
     # Not "{path}.lock": Optuna's journal backend uses that name for its own lock.
-    with open(f"{path}.alpa-tune-lock", "a+") as handle:
+    with _file_lock(Path(f"{path}.alpa-tune-lock")):
+        yield None
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Held while a SQLite storage is opened (and its schema perhaps created); in-memory: no-op."""
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    require_folder(url, path)
+    with _file_lock(Path(f"{path}.alpa-tune-schema-lock")):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (one host), released when the holder dies."""
+    with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield None
+            yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
