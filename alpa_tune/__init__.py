@@ -27,6 +27,6 @@ def load_loss(path: str, rank: int = 1) -> torch.nn.Module:
 
     ``rank`` picks among the records of a ``--top K`` export (1 = the best).
     """
-    from alpa_tune.export import load_loss as _load
+    from alpa_tune.records import load_loss as _load
 
     return _load(path, rank)

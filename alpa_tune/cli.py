@@ -65,14 +65,16 @@ def run(
     On an existing study the config must be the one it was created with (machine-local keys such
     as data.path aside): a change is refused before any work, key by key."""
     from alpa_tune.config import MACHINE_LOCAL_KEYS, load_config, override_keys
-    from alpa_tune.search import check_existing_study, create_study
+    from alpa_tune.preflight import check_registries, check_storage
+    from alpa_tune.study import check_existing_study, create_study
 
     overrides = set_ or []
     config = load_config(config_path, overrides)
+    check_registries(config)
     url = _url(storage)
     gpu_list = _gpus(gpus)  # refused before the data is loaded or the study exists
     _check_writable(out)
-    _check_storage(url)
+    check_storage(url)
     check_existing_study(config, url, trials, lower_budget=lower_budget)  # drift and budget, before the data
     _prepare_data(config)
     create_study(config, url, budget=trials, lower_budget=lower_budget)
@@ -112,7 +114,8 @@ def worker(
     set_: SetOpt = None,
 ) -> None:
     """One long-lived worker: pull trials of STUDY_NAME until its budget is met. SIGTERM stops it cleanly."""
-    from alpa_tune.workers import EXIT_GAVE_UP, explicit_rank, run_worker
+    from alpa_tune.errors import EXIT_GAVE_UP
+    from alpa_tune.workers import explicit_rank, run_worker
 
     overrides = list(set_ or [])
     if device:
@@ -141,16 +144,9 @@ def export(
                                                 "-o suffix, else json).")] = None,
 ) -> None:
     """Write the best trial's loss settings, metrics and provenance (load with alpa_tune.load_loss)."""
-    from alpa_tune.export import (
-        FORMATS,
-        SUFFIXES,
-        ExportError,
-        format_for,
-        render_records,
-        study_records,
-        write_records,
-    )
-    from alpa_tune.workers import load_study
+    from alpa_tune.export import render_records, study_records, write_records
+    from alpa_tune.records import FORMATS, SUFFIXES, ExportError, format_for
+    from alpa_tune.study import load_study
 
     fmt = format_ or (format_for(output) if output and output != "-" else None) or "json"
     if fmt not in FORMATS:
@@ -226,7 +222,7 @@ def report(
 ) -> None:
     """Write one self-contained, offline HTML report: history, importances, slices, per-class metrics, comparison."""
     from alpa_tune.report import write_report
-    from alpa_tune.workers import load_study
+    from alpa_tune.study import load_study
 
     path = write_report(load_study(study_name, _url(storage), read_only=True), output)
     console.print(f"wrote {path} (open it in any browser; it needs no network)", markup=False, highlight=False)
@@ -254,9 +250,11 @@ def study_create(
 ) -> None:
     """Create the schema and the study once (idempotent), store its config, enqueue the paper's points."""
     from alpa_tune.config import load_config
-    from alpa_tune.search import create_study
+    from alpa_tune.preflight import check_registries
+    from alpa_tune.study import create_study
 
     config = load_config(config_path, set_ or [])
+    check_registries(config)
     url = _url(storage)
     create_study(config, url)
     console.print(f"study [bold]{config.name}[/] ready in {_masked(url)}")
@@ -284,7 +282,7 @@ def study_show(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")],
                limit: Annotated[int, typer.Option(help="Rows to show.", min=1)] = 20) -> None:
     """Show a study's progress and its best trials."""
     from alpa_tune.views import trials_table
-    from alpa_tune.workers import load_study
+    from alpa_tune.study import load_study
 
     url = _url(storage)
     console.print(f"storage: {_masked(url)}")
@@ -297,13 +295,13 @@ def study_delete(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")
     """Delete a study and all its trials."""
     import optuna
 
-    from alpa_tune.workers import load_study
+    from alpa_tune.study import backend, load_study
 
     url = _url(storage)
     study = load_study(study_name, url, read_only=True)  # refuses an unknown name with a clear line
     if not yes and not typer.confirm(f"delete study {study_name!r} and its {len(study.trials)} trials?"):
         raise typer.Exit(1)
-    optuna.delete_study(study_name=study_name, storage=study._storage)
+    optuna.delete_study(study_name=study_name, storage=backend(study))
     console.print(f"deleted study {study_name}")
 
 
@@ -342,7 +340,7 @@ def _launch(study_name: str, url: str, gpu_list: list[int], per_gpu: int, cpu_wo
 
         code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=print_changes)
     if code != 0:
-        from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST
+        from alpa_tune.errors import EXIT_DISK_FULL, EXIT_STORAGE_LOST
 
         last_exits = {slot.exit_codes[-1] for slot in slots if slot.exit_codes}
         for slot in slots:  # the reason a worker stopped for good, not only "see the logs"
@@ -355,8 +353,9 @@ def _launch(study_name: str, url: str, gpu_list: list[int], per_gpu: int, cpu_wo
 
 
 def _finish(study_name: str, url: str, best_path: Path) -> None:
-    from alpa_tune.export import ExportError, study_records, write_records
-    from alpa_tune.workers import load_study
+    from alpa_tune.export import study_records, write_records
+    from alpa_tune.records import ExportError
+    from alpa_tune.study import load_study
 
     try:
         records = study_records(load_study(study_name, url), 1)
@@ -370,20 +369,15 @@ def _finish(study_name: str, url: str, best_path: Path) -> None:
 
 
 def _prepare_data(config) -> None:
-    """Load (decode and cache) the data once here, with a progress bar, before any worker starts:
-    bad data is then one clear line, and the workers find the cache built."""
+    """The data loaded once, with a progress bar, before any worker starts (preflight.prepare)."""
     from rich.progress import Progress
 
-    from alpa_tune.data import load_dataset
-    from alpa_tune.training import make_folds, split_holdout
+    from alpa_tune.preflight import prepare
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"preparing {config.data.source} data", total=None)
-        dataset = load_dataset(config.data, progress=lambda done, total: progress.update(task, completed=done, total=total))
-    dev_index, _ = split_holdout(dataset, config.training.holdout, config.training.seed)
-    make_folds(dataset, dev_index, config.training.folds, config.training.seed)  # refuses a class too small
-    counts = ", ".join(str(n) for n in dataset.class_counts())
-    console.print(f"data: {len(dataset.labels)} images, {dataset.num_classes} classes ({counts})")
+        prepare(config, progress=lambda done, total: progress.update(task, completed=done, total=total),
+                announce=lambda line: console.print(line, markup=False, highlight=False))
 
 
 def _gpus(text: str | None) -> list[int]:
@@ -407,23 +401,8 @@ def _gpus(text: str | None) -> list[int]:
     return wanted
 
 
-def _check_storage(url: str) -> None:
-    """Check the storage before any work: a bad file, a wrong password or a full disk is one line
-    now, and bad input later on leaves no new storage file behind."""
-    from alpa_tune.storage import check_free_space, journal_or_sqlite_path, open_storage, require_folder
-
-    path = journal_or_sqlite_path(url)
-    if path is None:
-        open_storage(url)  # PostgreSQL: reachable, password right, database there
-        return
-    require_folder(url, path)
-    check_free_space(path.parent, "storage")
-    if path.exists():
-        open_storage(url)  # an existing file must be a storage we can read (and a whole journal)
-
-
 def _check_writable(folder: Path) -> None:
-    from alpa_tune.export import ExportError
+    from alpa_tune.records import ExportError
 
     from alpa_tune.storage import check_free_space
 
@@ -443,28 +422,6 @@ def _masked(url: str) -> str:
     return mask_url(url)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from alpa_tune.compare import CompareError
-    from alpa_tune.config import ConfigError
-    from alpa_tune.dashboard import DashboardError
-    from alpa_tune.data import DataError
-    from alpa_tune.export import ExportError
-    from alpa_tune.models import ModelError
-    from alpa_tune.report import ReportError
-    from alpa_tune.storage import StorageError
-    from alpa_tune.workers import StudyNotFound
-
-    errors: list[type[BaseException]] = [CompareError, ConfigError, DashboardError, DataError, ExportError,
-                                         ModelError, ReportError, StorageError, StudyNotFound]
-    try:
-        from alpa_tune.losses import LossConfigError
-
-        errors.append(LossConfigError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main() -> None:
     """Console entry point: user errors become one masked line and exit code 2.
 
@@ -476,7 +433,8 @@ def main() -> None:
     except ImportError:  # pragma: no cover - an older Typer on plain Click
         from click import exceptions as click
 
-    from alpa_tune.storage import EXIT_DISK_FULL, EXIT_STORAGE_LOST, StorageLost, mask_text
+    from alpa_tune.errors import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_STORAGE_LOST, BadInput
+    from alpa_tune.storage import StorageLost, mask_text
     from alpa_tune.units import DiskFull
 
     def fail(message: str, code: int, hint: str | None = None) -> None:
@@ -499,8 +457,6 @@ def main() -> None:
         fail(str(exc), EXIT_DISK_FULL)
     except StorageLost as exc:
         fail(str(exc), EXIT_STORAGE_LOST)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        fail(str(exc), 2)
+    except BadInput as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)

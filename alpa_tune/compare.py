@@ -9,6 +9,8 @@ The result is one JSON-ready dict (stored in the study as the ``comparison`` use
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 import datetime as dt
 import multiprocessing
 import os
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from alpa_tune.config import StudyConfig, config_from_dict
-from alpa_tune.export import read_record
+from alpa_tune.records import read_record
 from alpa_tune.storage import StorageError, journal_or_sqlite_path, mask_url, open_storage
 
 COMPARISON_ATTR = "comparison"
@@ -43,7 +45,7 @@ _BUILD_NAME = {"alpa_paper": "alpa"}
 _NEEDS_COUNTS = ("cb", "ldam")
 
 
-class CompareError(ValueError):
+class CompareError(BadInput):
     """A bad best.json, loss list or seed count, or a best.json from another dataset."""
 
 
@@ -74,7 +76,7 @@ def parse_losses(text: str) -> list[str]:
 
 def load_best(path: str | Path) -> dict[str, Any]:
     """The tuned record of a best.json (or any export format), as a CompareError when unusable."""
-    from alpa_tune.export import ExportError
+    from alpa_tune.records import ExportError
 
     try:
         return read_record(path)

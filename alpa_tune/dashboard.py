@@ -6,6 +6,8 @@ study and edit notes. So it binds to loopback unless told otherwise, and says so
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 import contextlib
 import ipaddress
 import socket
@@ -24,7 +26,7 @@ DEFAULT_PORT = 8080
 INSTALL_HINT = "pip install optuna-dashboard (a dependency of alpa-tune; was it uninstalled?)"
 
 
-class DashboardError(RuntimeError):
+class DashboardError(BadInput):
     """The dashboard cannot start: not installed, or the address is taken or invalid."""
 
 

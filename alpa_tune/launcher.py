@@ -18,15 +18,9 @@ from pathlib import Path
 
 import optuna
 
-from alpa_tune.search import study_budget
-from alpa_tune.storage import (
-    ENV_VAR,
-    EXIT_DISK_FULL,
-    EXIT_STORAGE_LOST,
-    count_trial_states,
-    storage_errors,
-)
-from alpa_tune.workers import EXIT_BAD_INPUT, EXIT_GAVE_UP, finished, load_study
+from alpa_tune.errors import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_GAVE_UP, EXIT_STORAGE_LOST
+from alpa_tune.storage import ENV_VAR
+from alpa_tune.study import budget_met, load_study
 
 # A worker that exits with one of these would fail the same way again: not restarted.
 _FINAL_EXITS = (0, EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_STORAGE_LOST, EXIT_DISK_FULL)
@@ -64,14 +58,6 @@ def detect_gpus() -> list[int]:
         return list(range(torch.cuda.device_count()))
     except Exception:  # noqa: BLE001 - no usable CUDA: CPU workers
         return []
-
-
-def budget_met(study: optuna.Study) -> bool | None:
-    """Whether the study has its finished trials; None while the storage cannot say."""
-    try:
-        return finished(count_trial_states(study._storage, study._study_id)) >= study_budget(study)
-    except storage_errors():
-        return None
 
 
 def launch(

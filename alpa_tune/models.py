@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 from pathlib import Path
 
 import torch
 
 
-class ModelError(ValueError):
+class ModelError(BadInput):
     """The model cannot be built as configured (bad name, missing or incompatible checkpoint)."""
 
 

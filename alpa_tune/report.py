@@ -6,6 +6,8 @@ can be mailed or archived and still open years later without a network.
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 import datetime as dt
 import html
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from alpa_tune import __version__
-from alpa_tune.search import ranked_complete_trials
+from alpa_tune.study import ranked_complete_trials
 
 SLICE_PARAMS = ("alpha", "beta", "gamma_pos", "gamma_neg")
 # Below this, importance estimates are noise (with one trial optuna splits them evenly).
@@ -24,7 +26,7 @@ MIN_IMPORTANCE_TRIALS = 5
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}  # no plotly.com link in the mode bar
 
 
-class ReportError(ValueError):
+class ReportError(BadInput):
     """Nothing to report yet, or the report cannot be written."""
 
 
@@ -206,7 +208,7 @@ def _top_trials(ranked_complete: list[FrozenTrial], limit: int = 10) -> str:
 
 def _config_block(study: optuna.Study) -> str:
     from alpa_tune.config import to_toml
-    from alpa_tune.search import CONFIG_ATTR
+    from alpa_tune.study import CONFIG_ATTR
 
     raw = study.user_attrs.get(CONFIG_ATTR)
     if not raw:

@@ -6,6 +6,8 @@ password masking: a URL or error text leaves this module only with its password 
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 import contextlib
 import fcntl
 import json
@@ -40,7 +42,7 @@ SCHEMES = ("sqlite", "postgresql", "journal")
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<tail>@)", re.I)
 
 
-class StorageError(ValueError):
+class StorageError(BadInput):
     """The storage URL is malformed, unreachable or refused us; the message is masked."""
 
 
@@ -456,8 +458,6 @@ def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = No
 
 # ---------------------------------------------------------------- faults: full disks and outages
 
-EXIT_STORAGE_LOST = 4
-EXIT_DISK_FULL = 5
 
 
 class DiskFullError(StorageError, DiskFull):

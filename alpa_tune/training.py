@@ -380,7 +380,9 @@ class BatchReader:
 
 
 def _make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
-    optimizer_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(t.optimizer)
+    if optimizer_class is None:
+        raise ValueError(f"training.optimizer: no optimizer named {t.optimizer!r}")
     # CUDA: one fused kernel for all parameters; CPU keeps torch's default implementation.
     fused = True if device.type == "cuda" else None
     return optimizer_class(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused)
@@ -389,6 +391,8 @@ def _make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.dev
 def _make_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig, steps_per_epoch: int):
     if t.scheduler == "none":
         return None
+    if t.scheduler != "cosine":
+        raise ValueError(f"training.scheduler: no scheduler named {t.scheduler!r}")
     warmup = t.warmup_epochs * steps_per_epoch
     total = max(t.epochs * steps_per_epoch, 1)
 
@@ -406,7 +410,9 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return None
     if mode == "fp16":
         return torch.float16
-    return torch.bfloat16
+    if mode in ("auto", "bf16"):
+        return torch.bfloat16
+    raise ValueError(f"training.amp: no mode named {mode!r}")
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> None:

@@ -7,13 +7,13 @@ from optuna.trial import TrialState
 from rich.table import Table
 from rich.text import Text
 
-from alpa_tune.search import ranked_complete_trials, study_budget
-from alpa_tune.storage import count_trial_states, storage_errors
+from alpa_tune.study import finished, ranked_complete_trials, study_budget, trial_counts
+from alpa_tune.storage import storage_errors
 
 
 def study_line(study: optuna.Study) -> str:
-    counts = count_trial_states(study._storage, study._study_id)
-    done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    counts = trial_counts(study)
+    done = finished(counts)
     line = (f"{study.study_name}: {done}/{study_budget(study)} finished "
             f"({counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned), "
             f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running")

@@ -36,17 +36,10 @@ from optuna.trial import TrialState
 
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
 from alpa_tune.units import is_disk_full
-from alpa_tune.search import (
-    Objective,
-    allocate_rank,
-    make_pruner,
-    make_sampler,
-    stored_config,
-    study_budget,
-)
+from alpa_tune.objective import Objective
+from alpa_tune.study import allocate_rank, backend, finished, load_study, stored_config, study_budget
+from alpa_tune.search import make_pruner, make_sampler
 from alpa_tune.storage import (
-    EXIT_DISK_FULL,
-    EXIT_STORAGE_LOST,
     StorageError,
     StorageGuard,
     TrialTakenOver,
@@ -60,14 +53,6 @@ from alpa_tune.storage import (
 )
 
 MAX_CONSECUTIVE_FAILURES = 5
-EXIT_BAD_INPUT = 2
-EXIT_GAVE_UP = 3
-__all__ = ["EXIT_BAD_INPUT", "EXIT_DISK_FULL", "EXIT_GAVE_UP", "EXIT_STORAGE_LOST", "StudyNotFound", "load_study",
-           "run_worker", "trial_loop"]
-
-
-class StudyNotFound(LookupError):
-    pass
 
 
 @dataclass
@@ -79,24 +64,12 @@ class WorkerResult:
     stale_results_dropped: int = 0
 
 
-def load_study(name: str, url: str, **kwargs: Any) -> optuna.Study:
-    storage = kwargs.pop("storage", None) or open_storage(url, read_only=kwargs.pop("read_only", False))
-    try:
-        return optuna.load_study(study_name=name, storage=storage, **kwargs)
-    except KeyError:
-        raise StudyNotFound(f"study {name!r} does not exist in storage {mask_url(url)}") from None
-
-
 def explicit_rank(rank: int | None) -> int | None:
     """``--rank`` wins, then ``$ALPA_TUNE_RANK``; None means: take the next free rank from the study."""
     if rank is not None:
         return rank
     value = os.environ.get("ALPA_TUNE_RANK", "")
     return int(value) if value.isdigit() else None
-
-
-def finished(counts: dict[TrialState, int]) -> int:
-    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
 
 
 def run_worker(
@@ -247,7 +220,7 @@ def trial_loop(
             continue
         if stop.is_set():
             # Interrupted, not broken: run it again elsewhere, same params.
-            guard.call(lambda: retry(study, study._storage.get_trial(trial._trial_id)), "re-queueing the trial")
+            guard.call(lambda: retry(study, backend(study).get_trial(trial._trial_id)), "re-queueing the trial")
             break
         failures += 1
         reason = resilient.user_attrs.get("fail_reason") or f"{type(error).__name__}: {error}"
@@ -284,7 +257,7 @@ def _record(study: optuna.Study, trial: ResilientTrial, state: TrialState, value
     state it asked for and counts it as recorded. Finding it FAILed otherwise means the heartbeat
     judged it stale and another worker got its retry: the result is not written over that.
     """
-    storage = study._storage
+    storage = backend(study)
     told = False
 
     def attempt() -> str:
@@ -394,7 +367,7 @@ class _Heartbeat:
     """
 
     def __init__(self, study: optuna.Study, trial_id: int, interval: float, guard: StorageGuard) -> None:
-        self.storage = study._storage
+        self.storage = backend(study)
         self.trial_id = trial_id
         self.interval = interval
         self.guard = guard
@@ -458,17 +431,17 @@ class _BudgetGate:
                     continue
             elif worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue
-            self.study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+            backend(self.study).set_trial_user_attr(trial._trial_id, "fail_reason",
                                                     f"its worker {host}:{pid or '?'} is gone; queued again")
             try:
-                self.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                backend(self.study).set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue
-            self.retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            self.retry(self.study, backend(self.study).get_trial(trial._trial_id))
 
     def next_trial(self) -> optuna.Trial | str:
         """A new RUNNING trial (already beating), or "done" / "wait"."""
-        storage = self.study._storage
+        storage = backend(self.study)
         with study_lock(self.url, self.study.study_name) as connection:
             counts = count_trial_states(storage, self.study._study_id, connection)
             budget = study_budget(self.study, connection)

@@ -537,8 +537,8 @@ def _storage(args: argparse.Namespace) -> str:
 def section_study(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, Any]:
     import optuna
 
-    from alpa_tune.search import study_budget
-    from alpa_tune.workers import finished
+    from alpa_tune.study import study_budget
+    from alpa_tune.study import finished
 
     storage = _storage(args)
     _cli(args, "study", "create", "study.toml", "--storage", storage, timeout=120)

@@ -20,7 +20,7 @@ import optuna
 import sqlalchemy
 
 from alpa_tune.config import WorkersConfig
-from alpa_tune.search import BUDGET_ATTR
+from alpa_tune.study import BUDGET_ATTR
 from alpa_tune.storage import driver_url, open_storage
 from alpa_tune.workers import trial_loop
 

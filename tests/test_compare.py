@@ -25,7 +25,7 @@ from alpa_tune.compare import (
 )
 from alpa_tune.config import load_config
 from alpa_tune.data import load_dataset
-from alpa_tune.export import read_record
+from alpa_tune.records import read_record
 from alpa_tune.losses import LossConfigError
 from alpa_tune.report import build_report
 from alpa_tune.training import split_holdout

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from alpa_tune.preflight import check_registries
 from alpa_tune.config import ConfigError, StudyConfig, config_from_dict, load_config, parse_override, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def test_parse_override_keeps_bare_words_as_strings() -> None:
 )
 def test_bad_values_name_the_key(tiny_config: Path, override: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(tiny_config, [override])
+        # Registry names (data sources, timm backbones) are checked by preflight, before any work.
+        check_registries(load_config(tiny_config, [override]))
     message = str(caught.value)
     assert key in message and words in message
     assert "\n" not in message

@@ -18,7 +18,7 @@ import pytest
 from alpa_tune import dashboard
 from alpa_tune.config import load_config
 from alpa_tune.dashboard import DashboardError, exposure_warning, is_loopback, study_note
-from alpa_tune.search import create_study
+from alpa_tune.study import create_study
 from alpa_tune.storage import open_storage
 from conftest import cli, write_config
 from test_export import STUDY, finished_study, sqlite_url

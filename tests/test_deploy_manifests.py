@@ -228,7 +228,8 @@ def parse_cli(args: list[str]) -> dict[str, Any]:
 
 def test_k8s_worker_job(monkeypatch: pytest.MonkeyPatch) -> None:
     from alpa_tune.config import load_config
-    from alpa_tune.workers import EXIT_BAD_INPUT, EXIT_GAVE_UP, explicit_rank
+    from alpa_tune.errors import EXIT_BAD_INPUT, EXIT_GAVE_UP
+    from alpa_tune.workers import explicit_rank
 
     job = k8s_object("Job", "alpa-tune-workers")
     study_job = k8s_object("Job", "alpa-tune-study-create")

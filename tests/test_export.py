@@ -20,16 +20,9 @@ import torch
 
 import alpa_tune
 from alpa_tune.config import load_config
-from alpa_tune.export import (
-    ExportError,
-    load_loss,
-    read_record,
-    read_records,
-    render_records,
-    study_records,
-    write_records,
-)
-from alpa_tune.search import create_study
+from alpa_tune.export import render_records, study_records, write_records
+from alpa_tune.records import ExportError, load_loss, read_record, read_records
+from alpa_tune.study import create_study
 from alpa_tune.storage import open_storage
 from conftest import cli, write_config
 

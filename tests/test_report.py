@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 
 from alpa_tune.config import load_config
 from alpa_tune.report import MIN_IMPORTANCE_TRIALS, write_report
-from alpa_tune.search import create_study
+from alpa_tune.study import create_study
 from conftest import cli, write_config
 from test_export import STUDY, finished_study, sqlite_url
 

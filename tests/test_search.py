@@ -8,7 +8,8 @@ from optuna.trial import TrialState
 
 from alpa_tune.config import StudyConfig
 from alpa_tune.data import load_dataset
-from alpa_tune.search import Objective, loss_spec, make_pruner, paper_points
+from alpa_tune.objective import Objective
+from alpa_tune.search import loss_spec, make_pruner, paper_points
 
 
 def tiny(*overrides: str) -> StudyConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from alpa_tune.search import BUDGET_ATTR
+from alpa_tune.study import BUDGET_ATTR
 from alpa_tune.storage import open_storage
 from conftest import cli, finish, read_logs, wait_for, write_config
 

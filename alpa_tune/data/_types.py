@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,7 +13,7 @@ import numpy as np
 ProgressFn = Callable[[int, int], None]
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Bad input data: the message names the file (or key) and the problem in one line."""
 
 

@@ -7,6 +7,8 @@ nothing recompiles.
 
 from __future__ import annotations
 
+from alpa_tune.errors import BadInput
+
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,7 @@ from torch import nn
 REDUCTIONS = ("sum", "mean")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(BadInput):
     """An unknown loss name, an unknown parameter, or a parameter value the loss cannot take."""
 
 
