@@ -16,7 +16,8 @@ from ._alpa_kernels import compile_enabled
 from ._base import LossConfigError, TunableLoss
 from ._baselines import (ASLLoss, BCELoss, CELoss, ClassBalancedLoss, FocalLoss, LDAMLoss,
                          effective_number_weights)
-from ._registry import available_losses, build_loss, loss_parameters, register_loss
+from ._registry import (alias_params, available_losses, build_loss, loss_kwargs, loss_paper_points,
+                        loss_paper_setting, loss_parameters, loss_search_space, register_loss)
 
 for _cls in (ALPALoss, ASLLoss, FocalLoss, BCELoss, CELoss, ClassBalancedLoss, LDAMLoss):
     register_loss(_cls)
@@ -24,6 +25,7 @@ del _cls
 
 __all__ = [
     "ALPALoss", "ASLLoss", "BCELoss", "CELoss", "ClassBalancedLoss", "FocalLoss", "LDAMLoss",
-    "LossConfigError", "TunableLoss", "alpa_unfused", "available_losses", "build_loss",
-    "compile_enabled", "effective_number_weights", "loss_parameters", "register_loss",
+    "LossConfigError", "TunableLoss", "alias_params", "alpa_unfused", "available_losses", "build_loss",
+    "compile_enabled", "effective_number_weights", "loss_kwargs", "loss_paper_points",
+    "loss_paper_setting", "loss_parameters", "loss_search_space", "register_loss",
 ]

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from alpa_tune.space import Choice, Param, Real
+
 from . import _alpa_kernels as K
 from ._alpa_kernels import compile_enabled
 from ._base import TunableLoss, check_inputs
@@ -74,6 +76,34 @@ class ALPALoss(TunableLoss):
     """
 
     name = "alpa"
+    # The trial's `variant` stores a registered name; the registry's alias says what it fixes.
+    VARIANT_NAMES = ("alpa", "alpa_hill")
+
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """The paper's ranges (section 6.1), with today's trial names: alpha, beta, gamma_pos,
+        gamma_neg, variant ("alpa" / "alpa_hill"); clip, focusing, hill_lambda are set, not tuned."""
+        from ._registry import alias_params  # deferred: the registry module imports the losses' base
+
+        variants = tuple({"variant": "plain", **alias_params(n)} for n in cls.VARIANT_NAMES)
+        return {"alpha": Real(0.5, 2.0), "beta": Real(0.5, 2.0),
+                "gamma_pos": Real(0.0, 5.0), "gamma_neg": Real(0.0, 5.0),
+                "variant": Choice(cls.VARIANT_NAMES, kwargs=variants)}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        """The paper's three settings (section 6.1): Loss v1, v2 (the reported ALPA), v3 (Hill)."""
+        return [
+            {"alpha": 1.0, "beta": 1.0, "gamma_pos": 0.0, "gamma_neg": 4.0, "variant": "alpa"},
+            {"alpha": 0.875, "beta": 1.625, "gamma_pos": 0.0, "gamma_neg": 4.0, "variant": "alpa"},
+            {"alpha": 1.25, "beta": 2.0, "gamma_pos": 3.0, "gamma_neg": 2.0, "variant": "alpa_hill"},
+        ]
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        """Loss v2, the setting the paper reports (the constructor's defaults)."""
+        return {"alpha": 0.875, "beta": 1.625, "gamma_pos": 0.0, "gamma_neg": 4.0,
+                "clip": 0.05, "variant": "plain"}
 
     def __init__(self, alpha: float = 0.875, beta: float = 1.625, gamma_pos: float = 0.0,
                  gamma_neg: float = 4.0, clip: float = 0.05, focusing: str = "reference",

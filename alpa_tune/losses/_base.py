@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from alpa_tune.space import Param
+
 REDUCTIONS = ("sum", "mean")
 
 
@@ -38,6 +40,22 @@ class TunableLoss(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._params: dict[str, Any] = {}
+
+    # -- search space (the ranges the loss's paper explores; see alpa_tune.space) ------------
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """The tuned parameters; empty: nothing to tune, one trial per seed is the study."""
+        return {}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        """The paper's recommended settings as trial params, enqueued first in a study."""
+        return []
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        """The paper's default as build kwargs: the untuned baseline of a comparison."""
+        return {}
 
     # -- hyperparameters --------------------------------------------------------------------
     @classmethod

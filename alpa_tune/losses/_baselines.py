@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alpa_tune.space import Choice, Param, Real
+
 from ._base import TunableLoss, check_inputs, compute_dtype, one_hot, reduce
 
 
@@ -126,6 +128,19 @@ class FocalLoss(_Baseline):
 
     name = "focal"
 
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """gamma in [0, 5] (Lin et al.'s Table 1 varies it over 0..5); alpha in [0.1, 0.9] or none."""
+        return {"gamma": Real(0.0, 5.0), "alpha": Real(0.1, 0.9, optional=True)}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        return [{"gamma": 2.0, "use_alpha": True, "alpha": 0.25}]
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        return {"gamma": 2.0, "alpha": 0.25}
+
     def __init__(self, alpha: float | None = 0.25, gamma: float = 2.0, reduction: str = "sum") -> None:
         super().__init__()
         self._configure(dict(alpha=alpha, gamma=gamma, reduction=reduction))
@@ -154,6 +169,20 @@ class ASLLoss(_Baseline):
     """
 
     name = "asl"
+
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """Around the paper's setting (gamma_pos 0, gamma_neg 4, clip 0.05): [0, 2], [0, 6], [0, 0.2]."""
+        return {"gamma_pos": Real(0.0, 2.0), "gamma_neg": Real(0.0, 6.0), "clip": Real(0.0, 0.2)}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        return [{"gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05}]
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        """The paper's MS-COCO setting (gamma_pos 0; the official class defaults to 1)."""
+        return {"gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05}
 
     def __init__(self, gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: float = 0.05,
                  eps: float = 1e-8, detach_weight: bool = False, reduction: str = "sum") -> None:
@@ -202,6 +231,22 @@ class ClassBalancedLoss(_Baseline):
 
     name = "cb"
     _needs_counts = True
+    BASES = ("ce", "bce", "focal")
+
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """beta in [0.9, 0.9999] searched as log(1 - beta) (the paper's grid is 0.9, 0.99,
+        0.999, 0.9999); the base loss; gamma in [0, 5] when the base is focal."""
+        return {"beta": Real(1e-4, 0.1, log=True, complement=True), "base": Choice(cls.BASES),
+                "gamma": Real(0.0, 5.0, when=("base", ("focal",)))}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        return [{"one_minus_beta": 1e-4, "base": "ce"}]
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        return {"beta": 0.9999, "base": "ce"}
 
     def __init__(self, class_counts: Any = None, beta: float = 0.9999, base: str = "ce",
                  gamma: float = 2.0, reduction: str = "sum") -> None:
@@ -212,7 +257,7 @@ class ClassBalancedLoss(_Baseline):
     def _validate(self, params: dict[str, Any]) -> dict[str, Any]:
         counts = self._class_counts(params)
         beta = self._real(params, "beta", low=0.0, high=1.0, high_open=True)
-        self._choice(params, "base", ("ce", "bce", "focal"))
+        self._choice(params, "base", self.BASES)
         self._real(params, "gamma", low=0.0)
         self._reduction(params)
         self.class_weights = effective_number_weights(counts, beta)
@@ -241,6 +286,19 @@ class LDAMLoss(_Baseline):
 
     name = "ldam"
     _needs_counts = True
+
+    @classmethod
+    def search_space(cls) -> dict[str, Param]:
+        """max_m in [0.1, 1] around the paper's 0.5; the logit scale s in [5, 50] around its 30."""
+        return {"max_m": Real(0.1, 1.0), "s": Real(5.0, 50.0)}
+
+    @classmethod
+    def paper_points(cls) -> list[dict[str, Any]]:
+        return [{"max_m": 0.5, "s": 30.0}]
+
+    @classmethod
+    def paper_setting(cls) -> dict[str, Any]:
+        return {"max_m": 0.5, "s": 30.0}
 
     def __init__(self, class_counts: Any = None, max_m: float = 0.5, s: float = 30.0,
                  reweight: bool = False, drw_epoch: int | None = None, beta: float = 0.9999,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from alpa_tune.space import Param, decode_trial_params
+
 from ._base import LossConfigError, TunableLoss
 
 _REGISTRY: dict[str, type[TunableLoss]] = {}
@@ -28,6 +30,48 @@ def loss_parameters(name: str) -> list[str]:
     """The parameter names the loss ``name`` accepts (an alias's fixed ones excluded)."""
     cls, fixed = _resolve(name)
     return [p for p in cls.parameter_names() if p not in fixed]
+
+
+def alias_params(name: str) -> dict[str, Any]:
+    """The parameters the name ``name`` fixes: an alias's (``alpa_hill``: variant hill), else {}."""
+    return dict(_resolve(name)[1])
+
+
+def loss_search_space(name: str) -> dict[str, Param]:
+    """The loss's declared search space; an alias's fixed parameters are not searched."""
+    cls, fixed = _resolve(name)
+    return {k: p for k, p in cls.search_space().items() if k not in fixed}
+
+
+def loss_paper_points(name: str) -> list[dict[str, Any]]:
+    """The paper's settings as trial params of :func:`loss_search_space` (an alias: those it matches)."""
+    cls, fixed = _resolve(name)
+    space, points = cls.search_space(), []
+    for point in cls.paper_points():
+        kwargs = decode_trial_params(space, point)
+        if all(kwargs.get(k, v) == v for k, v in fixed.items()):
+            points.append({k: v for k, v in point.items() if k not in fixed})
+    return points
+
+
+def loss_paper_setting(name: str) -> dict[str, Any]:
+    """The paper's default as :func:`build_loss` kwargs (an alias's fixed ones included).
+
+    Where an alias contradicts the class's default (``alpa_hill`` vs Loss v2), the alias's first
+    paper point is its setting (Loss v3).
+    """
+    cls, fixed = _resolve(name)
+    setting = cls.paper_setting()
+    if any(setting.get(k, v) != v for k, v in fixed.items()):
+        points = loss_paper_points(name)
+        if points:
+            setting = loss_kwargs(name, points[0])
+    return {**setting, **fixed}
+
+
+def loss_kwargs(name: str, trial_params: dict[str, Any]) -> dict[str, Any]:
+    """Stored trial params of ``name``'s space -> :func:`build_loss` kwargs (``variant`` through the alias)."""
+    return decode_trial_params(loss_search_space(name), trial_params)
 
 
 def _resolve(name: str) -> tuple[type[TunableLoss], dict[str, Any]]:
