@@ -42,7 +42,11 @@ def _top_level_imports(path: Path) -> set[str]:
                 if sub.level:  # relative: from ._x import y
                     base = package.split(".")[: len(package.split(".")) - sub.level + 1]
                     module = ".".join([*base, module] if module else base)
-                if module.startswith("alpa_tune"):
+                if not module.startswith("alpa_tune"):
+                    continue
+                if sub.module is None:  # from . import _kernels: the submodules, not the package
+                    found.update(f"{module}.{alias.name}" for alias in sub.names)
+                else:
                     found.add(module)
     return found
 
