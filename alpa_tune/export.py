@@ -8,7 +8,6 @@ Reading never executes anything: the snippet's values are literals parsed with `
 from __future__ import annotations
 
 import ast
-import contextlib
 import datetime as dt
 import json
 import math
@@ -25,6 +24,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from alpa_tune import __version__
+from alpa_tune.files import write_atomically
 from alpa_tune.search import loss_spec, ranked_complete_trials, stored_config
 from alpa_tune.storage import mask_text
 
@@ -95,7 +95,12 @@ def render_records(records: list[dict[str, Any]], fmt: str = "json") -> str:
 
 def write_records(records: list[dict[str, Any]], path: Path, fmt: str = "json") -> None:
     """Write one record or, for --top K > 1, a list of them."""
-    _write_atomically(Path(path), render_records(records, fmt))
+    path = Path(path)
+    text = render_records(records, fmt)
+    try:
+        write_atomically(path, text)
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def format_for(path: str | Path) -> str | None:
@@ -280,22 +285,6 @@ def _parse_python(text: str) -> Any:
 
 
 # -- files and versions ----------------------------------------------------------------------
-def _write_atomically(path: Path, text: str) -> None:
-    if not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ExportError(f"cannot create folder {path.parent}: {exc.strerror}") from None
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)  # never a half-written file where the old one was
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def _versions() -> dict[str, str]:
     versions = {"alpa-tune": __version__, "python": platform.python_version()}
     for package in _VERSIONED:
