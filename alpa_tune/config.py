@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import tomli_w
+
 VARIANTS = ("alpa", "alpa_hill")
 SAMPLERS = ("tpe", "random", "qmc", "cmaes")
 PRUNERS = ("none", "median", "wilcoxon", "successive_halving")
@@ -377,26 +379,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_toml(data: dict[str, Any], _table: str = "") -> str:
-    """Minimal TOML writer for config-shaped dicts: scalars and lists first, then sub-tables."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    if _table:
-        lines.insert(0, f"[{_table}]")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append("")
-            lines.append(to_toml(value, f"{_table}.{key}" if _table else key).rstrip("\n"))
-    return "\n".join(lines).lstrip("\n") + "\n"
+def to_toml(data: dict[str, Any]) -> str:
+    """``data`` as a TOML document (configs and exports; ``tomllib`` reads it back).
+
+    TOML has no null: a None value in a table is left out (an unset option reads back as its
+    default), and a None inside an array (a class absent from every fold) is written as nan.
+    """
+    return tomli_w.dumps(_toml_ready(data))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+def _toml_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _toml_ready(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+        return [math.nan if v is None else _toml_ready(v) for v in value]
+    return value

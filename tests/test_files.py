@@ -1,17 +1,26 @@
-"""One atomic writer and one write probe for every output file.
+"""One atomic writer and one write probe for every output file; TOML written by tomli-w, read by tomllib.
 
 The full and the read-only disks are real tmpfs mounts (root only; skipped otherwise)."""
 
 from __future__ import annotations
 
 import errno
+import math
+import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import fill_up, small_tmpfs
 
+from alpa_tune.config import to_toml
+from alpa_tune.export import render_records
 from alpa_tune.files import OutputDiskFull, check_writable, write_atomically
 from alpa_tune.units import DiskFull
+
+TRICKY = ['say "hi"', "back\\slash", "C:\\new\\table", "two\nlines", "tab\there", "cr\rlf\r\n", "ünïcødé ✓ 日本",
+          "# not a comment", "'single'", '"""triple"""', "del\x7fbell\x07", "", "  spaces  ", "[not.a.table]"]
+TRICKY_KEYS = ["dotted.key", "with space", "quote\"key", "ü", "#hash", "", "a=b", "back\\slash"]
+
 
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
@@ -72,3 +81,30 @@ def test_check_writable_refuses_a_read_only_folder_even_for_root(tmp_path: Path)
         with pytest.raises(OSError) as caught:
             check_writable(ro / "sub")  # a folder that cannot even be created
         assert caught.value.errno == errno.EROFS
+
+
+def _tricky_table() -> dict:
+    return {"name": TRICKY[0], "strings": TRICKY, **{key: value for key, value in zip(TRICKY_KEYS, TRICKY)},
+            "nested": {key: {"value": value, "list": [value, 1, 2.5, True]} for key, value in zip(TRICKY_KEYS, TRICKY)}}
+
+
+def test_config_writer_round_trips_tricky_strings_and_keys() -> None:
+    data = _tricky_table()
+    assert tomllib.loads(to_toml(data)) == data
+
+
+def test_config_writer_leaves_out_none_and_writes_nan_in_arrays() -> None:
+    back = tomllib.loads(to_toml({"kept": 1, "unset": None, "table": {"unset": None, "xs": [0.5, None]}}))
+    assert back["kept"] == 1 and "unset" not in back and "unset" not in back["table"]
+    assert back["table"]["xs"][0] == 0.5 and math.isnan(back["table"]["xs"][1])
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_export_writer_round_trips_tricky_strings_and_keys(count: int) -> None:
+    records = [{"loss": "alpa", "params": {"alpha": 1.5, "variant": "alpa"}, "value": 0.5, "study": study, "trial": k,
+                "metrics": {"class_names": TRICKY, "per_fold": [{"fold": 0, "note": TRICKY[3]}]}, "config": _tricky_table()}
+               for k, study in enumerate(TRICKY[:count])]
+    text = render_records(records, "toml")
+    assert text.startswith("# alpa-tune export of study ") and text.count("\n#") == 0  # one header line
+    back = tomllib.loads(text)
+    assert (back if count == 1 else back["trials"]) == (records[0] if count == 1 else records)
