@@ -402,15 +402,13 @@ def _gpus(text: str | None) -> list[int]:
 
 
 def _check_writable(folder: Path) -> None:
+    from alpa_tune.files import check_writable
     from alpa_tune.records import ExportError
 
     from alpa_tune.storage import check_free_space
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(folder)
     except OSError as exc:
         raise ExportError(f"--out {folder}: not writable ({exc.strerror})") from None
     check_free_space(folder, "output folder")

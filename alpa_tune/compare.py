@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from alpa_tune.config import StudyConfig, config_from_dict
+from alpa_tune.files import check_writable, write_atomically
 from alpa_tune.records import read_record
 from alpa_tune.storage import StorageError, journal_or_sqlite_path, mask_url, open_storage
 
@@ -398,10 +399,7 @@ def check_output(prefix: str | Path) -> None:
     """Fail before hours of training when the CSV/Markdown cannot be written."""
     folder = Path(prefix).parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".{Path(prefix).name}.write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(folder)
     except OSError as exc:
         raise CompareError(f"-o {prefix}: cannot write in {folder} ({exc.strerror})") from None
 
@@ -417,7 +415,7 @@ def write_outputs(comparison: dict[str, Any], prefix: str | Path) -> list[Path]:
     for suffix, text in outputs.items():
         path = prefix.with_name(prefix.name + suffix)
         try:
-            path.write_text(text, encoding="utf-8")
+            write_atomically(path, text)
         except OSError as exc:
             raise CompareError(f"cannot write {path}: {exc.strerror}") from None
         paths.append(path)

@@ -7,6 +7,7 @@ whose message is one line naming the key and what is wrong (the CLI prints it, e
 from __future__ import annotations
 
 from alpa_tune.errors import BadInput
+from alpa_tune.files import read_text
 from alpa_tune.units import format_bytes
 
 import dataclasses
@@ -15,6 +16,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import tomli_w
 
 # Every fixed choice is a Literal: the loader refuses anything else with one line naming the key,
 # and each dispatch on it raises on a name it does not know.
@@ -153,12 +156,7 @@ MACHINE_LOCAL_KEYS = frozenset(
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study TOML file, apply ``--set`` overrides, validate everything."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    text = read_text(path, "config file", ConfigError)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -372,26 +370,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_toml(data: dict[str, Any], _table: str = "") -> str:
-    """Minimal TOML writer for config-shaped dicts: scalars and lists first, then sub-tables."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    if _table:
-        lines.insert(0, f"[{_table}]")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append("")
-            lines.append(to_toml(value, f"{_table}.{key}" if _table else key).rstrip("\n"))
-    return "\n".join(lines).lstrip("\n") + "\n"
+def to_toml(data: dict[str, Any]) -> str:
+    """``data`` as a TOML document (configs and exports; ``tomllib`` reads it back).
+
+    TOML has no null: a None value in a table is left out (an unset option reads back as its
+    default), and a None inside an array (a class absent from every fold) is written as nan.
+    """
+    return tomli_w.dumps(_toml_ready(data))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+def _toml_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _toml_ready(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+        return [math.nan if v is None else _toml_ready(v) for v in value]
+    return value

@@ -8,13 +8,10 @@ Reading never executes anything: the snippet's values are literals parsed with `
 from __future__ import annotations
 
 
-import contextlib
 import datetime as dt
 import json
-import math
 import platform
 import pprint
-import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from alpa_tune import __version__
+from alpa_tune.config import to_toml
+from alpa_tune.files import write_atomically
 from alpa_tune.records import FORMATS, PY_EXPORT, PY_LOSS, PY_PARAMS, ExportError
 from alpa_tune.search import loss_spec
 from alpa_tune.study import ranked_complete_trials, stored_config
@@ -87,7 +86,12 @@ def render_records(records: list[dict[str, Any]], fmt: str = "json") -> str:
 
 def write_records(records: list[dict[str, Any]], path: Path, fmt: str = "json") -> None:
     """Write one record or, for --top K > 1, a list of them."""
-    _write_atomically(Path(path), render_records(records, fmt))
+    path = Path(path)
+    text = render_records(records, fmt)
+    try:
+        write_atomically(path, text)
+    except OSError as exc:
+        raise ExportError(f"cannot write {path}: {exc.strerror}") from None
 
 
 # -- JSON ------------------------------------------------------------------------------------
@@ -98,67 +102,10 @@ def _json_default(value: Any) -> Any:
 
 
 # -- TOML ------------------------------------------------------------------------------------
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
 def _toml_document(records: list[dict[str, Any]]) -> str:
     header = f"# alpa-tune export of study {records[0]['study']!r}: load with alpa_tune.load_loss(\"FILE\")\n"
-    if len(records) == 1:
-        return header + "\n".join(_toml_table(records[0], [])) + "\n"
-    lines = []
-    for record in records:  # TOML has no top-level array: records become [[trials]] tables
-        lines += ["", "[[trials]]", *_toml_table(record, ["trials"], array_item=True)]
-    return header + "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _toml_table(data: dict[str, Any], path: list[str], array_item: bool = False) -> list[str]:
-    """``key = value`` lines, then sub-tables. None (TOML has no null) is left out."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
-             if v is not None and not isinstance(v, dict) and not _is_table_array(v)]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            sub = [*path, key]
-            lines += ["", f"[{'.'.join(map(_toml_key, sub))}]", *_toml_table(value, sub)]
-        elif _is_table_array(value):
-            sub = [*path, key]
-            for item in value:
-                lines += ["", f"[[{'.'.join(map(_toml_key, sub))}]]", *_toml_table(item, sub, True)]
-    return lines
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_string(key)
-
-
-def _toml_string(value: str) -> str:
-    # JSON's escapes are a subset of TOML basic-string escapes; DEL must be escaped in TOML.
-    return json.dumps(value, ensure_ascii=True).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:  # inside an array (a class absent from every fold): TOML's nan
-        return "nan"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # a table inside an array: an inline table
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
-    raise ExportError(f"cannot write {type(value).__name__} as TOML")
+    # TOML has no top-level array: several records become [[trials]] tables.
+    return header + to_toml(records[0] if len(records) == 1 else {"trials": records})
 
 
 # -- Python snippet --------------------------------------------------------------------------
@@ -183,22 +130,6 @@ def _python_snippet(records: list[dict[str, Any]]) -> str:
 
 
 # -- files and versions ----------------------------------------------------------------------
-def _write_atomically(path: Path, text: str) -> None:
-    if not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ExportError(f"cannot create folder {path.parent}: {exc.strerror}") from None
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)  # never a half-written file where the old one was
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def _versions() -> dict[str, str]:
     versions = {"alpa-tune": __version__, "python": platform.python_version()}
     for package in _VERSIONED:

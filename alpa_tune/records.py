@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alpa_tune.errors import BadInput
+from alpa_tune.files import read_text
 
 if TYPE_CHECKING:
     import torch
@@ -53,12 +54,7 @@ def read_record(path: str | Path, rank: int = 1) -> dict[str, Any]:
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Every record of an export file, best first."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ExportError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path} is not a readable alpa-tune export: {exc}") from None
+    text = read_text(path, "export file", ExportError)
     fmt = format_for(path)
     parsers = {"json": _parse_json, "toml": _parse_toml, "python": _parse_python}
     order = [fmt] if fmt else list(parsers)  # an unknown suffix: try each format in turn

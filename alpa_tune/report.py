@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from alpa_tune import __version__
+from alpa_tune.files import write_atomically
 from alpa_tune.study import ranked_complete_trials
 
 SLICE_PARAMS = ("alpha", "beta", "gamma_pos", "gamma_neg")
@@ -63,11 +64,8 @@ def write_report(study: optuna.Study, path: str | Path) -> Path:
     """Build the report and write it (atomically) to ``path``."""
     path = Path(path)
     text = build_report(study)
-    temporary = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
+        write_atomically(path, text)
     except OSError as exc:
         raise ReportError(f"cannot write {path}: {exc.strerror}") from None
     return path

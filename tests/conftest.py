@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,41 @@ def private_pg():
         yield server
     finally:
         server.close()
+
+
+# --- small real disks: a tmpfs that fills up, or a read-only one -------------------------------
+real_disk_usage = shutil.disk_usage  # some tests patch shutil's
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "2m", read_only: bool = False) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``where`` (root only, else the test is skipped), unmounted afterwards;
+    ``read_only`` remounts it so: a folder even root cannot write in (permission bits do not stop root)."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {(done.stderr or done.stdout).strip()}")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # still open somewhere
+
+
+def fill_up(folder: Path, leave: int = 0) -> Path:
+    """Another writer takes the space: a file grows until ``leave`` bytes (or nothing) are free."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while real_disk_usage(folder).free > leave:
+            try:
+                os.write(fd, b"\xff" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return filler

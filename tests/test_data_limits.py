@@ -3,24 +3,17 @@ under the cache (a real, small tmpfs), and duplicate CSV ids; each bad input is 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, write_config
+from conftest import cli, fill_up, real_disk_usage, small_tmpfs, write_config
 from PIL import Image
 
 from alpa_tune.config import ConfigError, DataConfig, load_config
 from alpa_tune.data import DataError, cache, load_dataset
 from alpa_tune.units import format_bytes
-
-real_disk_usage = shutil.disk_usage  # some tests patch shutil's
 
 
 @pytest.mark.parametrize(
@@ -133,42 +126,12 @@ def test_two_class_links_to_one_folder_are_refused(tmp_path: Path) -> None:
 # --- a full disk under the cache: a real tmpfs ------------------------------------------------
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "2m") -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {(done.stderr or done.stdout).strip()}")
-    try:
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)  # still open somewhere
-
-
 def write_tree(root: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     for c in range(2):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
         for i in range(count // 2):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
-
-
-def fill_up(folder: Path, leave: int = 0) -> Path:
-    """Another writer takes the space: a file grows until ``leave`` bytes (or nothing) are free."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        while real_disk_usage(folder).free > leave:
-            try:
-                os.write(fd, b"\xff" * 4096)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def not_entries(folder: Path) -> list[str]:
