@@ -121,10 +121,8 @@ def finished_study(tmp_path: Path) -> str:
 @pytest.mark.parametrize("command", [["study", "list"], ["study", "show", "tiny"], ["export", "tiny", "-o", "b.json"]])
 def test_read_only_commands_import_no_heavy_library(finished_study: str, tmp_path: Path, command: list[str]) -> None:
     """`python -X importtime -m alpa_tune study list` (and show, export) does its work without torch."""
-    code = ("import sys; from alpa_tune.cli import main; "
-            f"sys.argv = ['alpa-tune', *{command!r}, '--storage', {finished_study!r}]; main()")
-    run = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "alpa_tune", *command, "--storage", finished_study],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "tiny" in run.stdout or (tmp_path / "b.json").is_file()
     imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines()
