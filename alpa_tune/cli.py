@@ -26,8 +26,17 @@ app = typer.Typer(
 study_app = typer.Typer(help="Create, list, show and delete studies.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    out = Console(stderr=stderr)
+    # Piped (a SLURM or CI log), rich would fold long lines at 80 columns: print them whole.
+    # Tables go out as Markdown there (``not console.is_terminal``), which rich cannot cut.
+    out.soft_wrap = not out.is_terminal
+    return out
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 StorageOpt = Annotated[
     str | None,
@@ -184,11 +193,11 @@ def compare(
         find_study,
         load_best,
         parse_losses,
-        rich_table,
         run_comparison,
         store_comparison,
         write_outputs,
     )
+    from alpa_tune.compare_table import rich_table, title, to_markdown
     from alpa_tune.config import load_config
 
     config = load_config(config_path, set_ or [])
@@ -202,7 +211,10 @@ def compare(
         task = progress.add_task(f"training {len(labels)} loss(es) x {seeds} seed(s)", total=len(labels) * seeds)
         comparison = run_comparison(config, record, labels, seeds, workers=workers, best_path=best,
                                     on_run=lambda run, done, total: progress.update(task, completed=done))
-    console.print(rich_table(comparison))
+    if console.is_terminal:
+        console.print(rich_table(comparison))
+    else:
+        console.print(f"{title(comparison)}\n\n{to_markdown(comparison)}", markup=False, highlight=False)
     paths = write_outputs(comparison, output)
     console.print("wrote " + ", ".join(map(str, paths)), markup=False, highlight=False)
     if study is not None:
@@ -281,12 +293,16 @@ def study_list(storage: StorageOpt = None) -> None:
 def study_show(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")], storage: StorageOpt = None,
                limit: Annotated[int, typer.Option(help="Rows to show.", min=1)] = 20) -> None:
     """Show a study's progress and its best trials."""
-    from alpa_tune.views import trials_table
     from alpa_tune.study import load_study
+    from alpa_tune.views import trials_markdown, trials_table
 
     url = _url(storage)
-    console.print(f"storage: {_masked(url)}")
-    console.print(trials_table(load_study(study_name, url, read_only=True), limit))
+    console.print(f"storage: {_masked(url)}", markup=False, highlight=False)
+    study = load_study(study_name, url, read_only=True)
+    if console.is_terminal:
+        console.print(trials_table(study, limit))
+    else:
+        console.print(trials_markdown(study, limit), markup=False, highlight=False)
 
 
 @study_app.command("delete")
@@ -314,8 +330,7 @@ def version() -> None:
 def _launch(study_name: str, url: str, gpu_list: list[int], per_gpu: int, cpu_workers: int | None,
             overrides: list[str], log_dir: Path) -> int:
     from alpa_tune.launcher import launch, plan_slots
-    from alpa_tune.storage import storage_errors
-    from alpa_tune.views import study_line, workers_table
+    from alpa_tune.views import ProgressLines, workers_table
 
     slots = plan_slots(gpu_list, per_gpu, cpu_workers)
     console.print(f"{len(slots)} worker(s) on {'GPU ' + ','.join(map(str, gpu_list)) if gpu_list else 'CPU'}; "
@@ -325,20 +340,8 @@ def _launch(study_name: str, url: str, gpu_list: list[int], per_gpu: int, cpu_wo
             code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir,
                           view=lambda study, s: live.update(workers_table(study, s)))
     else:
-        seen: dict[str, str] = {}
-
-        def print_changes(study, current_slots) -> None:  # plain lines for logs and CI
-            try:
-                lines = {"study": study_line(study)}
-            except storage_errors():
-                lines = {"study": f"{study_name}: storage unreachable; workers wait for it"}
-            lines.update({f"worker {slot.index}": f"worker {slot.index}: {slot.state}" for slot in current_slots})
-            for key, line in lines.items():
-                if seen.get(key) != line:
-                    console.print(line, soft_wrap=True, markup=False, highlight=False)
-                    seen[key] = line
-
-        code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=print_changes)
+        view = ProgressLines(study_name, lambda line: console.print(line, markup=False, highlight=False))
+        code = launch(study_name, url, slots=slots, overrides=overrides, log_dir=log_dir, view=view)
     if code != 0:
         from alpa_tune.errors import EXIT_DISK_FULL, EXIT_STORAGE_LOST
 

@@ -4,7 +4,7 @@ Every loss trains on the same development 80 % (``training.split_holdout``, the 
 search cross-validated) with the same seeds, and is scored once on the held-out 20 % the
 search never saw. Independent trainings run in parallel processes where the machine has room.
 The result is one JSON-ready dict (stored in the study as the ``comparison`` user attribute);
-:func:`table` lays it out as the paper's Table 3 for the terminal, Markdown, CSV and the report.
+:mod:`alpa_tune.compare_table` lays it out as the paper's Table 3 (terminal, Markdown, CSV, report).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from alpa_tune.compare_table import to_csv, to_markdown
 from alpa_tune.config import StudyConfig, config_from_dict
 from alpa_tune.files import check_writable, write_atomically
 from alpa_tune.records import read_record
@@ -274,125 +275,6 @@ def find_study(url: str, name: str):
 def store_comparison(study: Any, comparison: dict[str, Any]) -> None:
     """Keep the comparison with the study, where ``alpa-tune report`` finds it."""
     study.set_user_attr(COMPARISON_ATTR, comparison)
-
-
-# -- the table -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    mean: float | None  # None: no finite value over the seeds
-    std: float | None  # sample standard deviation over seeds; None with one seed
-    percent: bool  # accuracies in %, as the paper; F1 as 0..1
-    best: bool = False
-
-    def text(self) -> str:
-        if self.mean is None:
-            return "-"
-        scale, digits = (100.0, 2) if self.percent else (1.0, 3)
-        body = f"{self.mean * scale:.{digits}f}"
-        return body if self.std is None else f"{body} ± {self.std * scale:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class Table:
-    labels: list[str]  # losses, in column order
-    header: list[str]  # "Class", "Training samples", "Test samples", then Acc/F1 per loss
-    rows: list[tuple[str, int | None, int | None, list[Cell]]]  # class, train n, test n, 2 cells per loss
-    note: str
-
-
-def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
-    finite = [v for v in values if v is not None and np.isfinite(v)]
-    if not finite:
-        return None, None
-    return float(np.mean(finite)), (float(np.std(finite, ddof=1)) if len(finite) > 1 else None)
-
-
-def table(comparison: dict[str, Any]) -> Table:
-    """The paper's Table 3: per class training samples, Acc (= recall) and F1 per loss, then
-    balanced accuracy and macro F1; mean ± sample std over seeds. Best mean per row flagged."""
-    labels = [loss["label"] for loss in comparison["losses"]]
-    by_loss = {label: [r for r in comparison["runs"] if r["loss"] == label and "error" not in r] for label in labels}
-    rows = []
-    for c, name in enumerate(comparison["class_names"]):
-        cells = []
-        for label in labels:
-            cells.append(Cell(*_stats([r["recall"][c] for r in by_loss[label]]), percent=True))
-            cells.append(Cell(*_stats([r["f1"][c] for r in by_loss[label]]), percent=False))
-        rows.append((str(name), comparison["train_counts"][c], comparison["test_counts"][c], _flag_best(cells)))
-    summary = []
-    for label in labels:
-        summary.append(Cell(*_stats([r["balanced_accuracy"] for r in by_loss[label]]), percent=True))
-        summary.append(Cell(*_stats([r["macro_f1"] for r in by_loss[label]]), percent=False))
-    rows.append(("Balanced accuracy / macro F1", sum(comparison["train_counts"]), sum(comparison["test_counts"]),
-                 _flag_best(summary)))
-    failed = [f"{r['loss']} seed {r['seed']}" for r in comparison["runs"] if "error" in r]
-    seeds = comparison["seeds"]
-    note = (f"Held-out test split ({sum(comparison['test_counts'])} images), {len(seeds)} seed(s) "
-            f"({', '.join(map(str, seeds))}); Acc = per-class recall in %, mean ± sample std over seeds."
-            + (f" Diverged (left out): {', '.join(failed)}." if failed else ""))
-    header = ["Class", "Training samples", "Test samples"]
-    for label in labels:
-        header += [f"{label} Acc", f"{label} F1"]
-    return Table(labels, header, rows, note)
-
-
-def _flag_best(cells: list[Cell]) -> list[Cell]:
-    out = list(cells)
-    for start in (0, 1):  # Acc columns, then F1 columns
-        means = [c.mean for c in cells[start::2] if c.mean is not None]
-        if len(means) > 1:
-            top = max(means)
-            for k in range(start, len(cells), 2):
-                if cells[k].mean is not None and np.isclose(cells[k].mean, top):
-                    out[k] = Cell(cells[k].mean, cells[k].std, cells[k].percent, best=True)
-    return out
-
-
-def to_markdown(comparison: dict[str, Any]) -> str:
-    t = table(comparison)
-    lines = ["| " + " | ".join(t.header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(t.header) - 1)) + "|"]
-    for name, train, test, cells in t.rows:
-        texts = [f"**{c.text()}**" if c.best else c.text() for c in cells]
-        lines.append("| " + " | ".join([name.replace("|", "/"), str(train), str(test), *texts]) + " |")
-    return "\n".join(lines) + f"\n\n{t.note}\n"
-
-
-def to_csv(comparison: dict[str, Any]) -> str:
-    """Numbers as fractions (not %), mean and std in separate columns: for spreadsheets and pandas."""
-    import csv
-    import io
-
-    t = table(comparison)
-    header = ["class", "train_samples", "test_samples"]
-    for label in t.labels:
-        header += [f"{label}_acc_mean", f"{label}_acc_std", f"{label}_f1_mean", f"{label}_f1_std"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for k, (name, train, test, cells) in enumerate(t.rows):
-        values: list[Any] = ["balanced_accuracy/macro_f1" if k == len(t.rows) - 1 else name, train, test]
-        for cell in cells:
-            values += ["" if cell.mean is None else f"{cell.mean:.6f}", "" if cell.std is None else f"{cell.std:.6f}"]
-        writer.writerow(values)
-    return buffer.getvalue()
-
-
-def rich_table(comparison: dict[str, Any]):
-    """The table for the terminal: the paper's columns; the spread under the mean keeps it narrow."""
-    from rich.table import Table as RichTable
-
-    t = table(comparison)
-    out = RichTable(title=f"{comparison['study']}: held-out comparison", caption=t.note, title_justify="left")
-    out.add_column("Class")
-    out.add_column("Training\nsamples", justify="right")
-    for label in t.labels:
-        out.add_column(f"{label}\nAcc %", justify="right")
-        out.add_column(f"{label}\nF1", justify="right")
-    for k, (name, train, _, cells) in enumerate(t.rows):
-        texts = [c.text().replace(" ± ", "\n±") for c in cells]
-        texts = [f"[bold green]{text}[/]" if c.best else text for c, text in zip(cells, texts)]
-        out.add_row(name, str(train), *texts, end_section=k == len(t.rows) - 2)
-    return out
 
 
 def check_output(prefix: str | Path) -> None:

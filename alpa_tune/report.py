@@ -151,7 +151,7 @@ def _per_class(trial: FrozenTrial) -> Any:
 def _comparison(comparison: dict[str, Any]) -> list[Any]:
     import plotly.graph_objects as go
 
-    from alpa_tune.compare import table
+    from alpa_tune.compare_table import table
 
     t = table(comparison)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)

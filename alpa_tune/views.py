@@ -1,14 +1,18 @@
-"""Rich renderings of a study and of the launcher's workers (presentation only)."""
+"""Renderings of a study and of the launcher's workers (presentation only): rich tables for a
+terminal, Markdown and plain lines for a pipe or log, both from the same rows."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
 from rich.table import Table
 from rich.text import Text
 
-from alpa_tune.study import finished, ranked_complete_trials, study_budget, trial_counts
+from alpa_tune.markdown import markdown_table
 from alpa_tune.storage import storage_errors
+from alpa_tune.study import finished, ranked_complete_trials, study_budget, trial_counts
 
 
 def study_line(study: optuna.Study) -> str:
@@ -50,19 +54,57 @@ def workers_table(study: optuna.Study, slots: list) -> Table:
     return table
 
 
-def trials_table(study: optuna.Study, limit: int = 20) -> Table:
-    """The best ``limit`` trials, then their params and states."""
-    table = Table(title=study_line(study), title_justify="left")
-    for column in ("trial", "state", "value", "variant", "alpha", "beta", "gamma_pos", "gamma_neg", "worker", "note"):
-        table.add_column(column)
+TRIAL_COLUMNS = ("trial", "state", "value", "variant", "alpha", "beta", "gamma_pos", "gamma_neg", "worker", "note")
+
+
+def trial_rows(study: optuna.Study, limit: int = 20) -> list[list[str]]:
+    """The best ``limit`` trials, then their params and states: one string per TRIAL_COLUMNS, notes whole."""
     trials = study.get_trials(deepcopy=False)
     trials.sort(key=lambda t: (t.value is None, -(t.value or 0.0), t.number))
+    rows = []
     for t in trials[:limit]:
         # A queued trial keeps its params in "fixed_params" until a worker picks it up.
         p = t.params or t.system_attrs.get("fixed_params", {})
-        table.add_row(
+        rows.append([
             str(t.number), t.state.name, "-" if t.value is None else f"{t.value:.4f}", str(p.get("variant", "-")),
             *(f"{p[k]:.3f}" if k in p else "-" for k in ("alpha", "beta", "gamma_pos", "gamma_neg")),
-            str(t.user_attrs.get("worker", "-")), Text(str(t.user_attrs.get("fail_reason", ""))[:60]),
-        )
+            str(t.user_attrs.get("worker", "-")), str(t.user_attrs.get("fail_reason", "")),
+        ])
+    return rows
+
+
+def trials_table(study: optuna.Study, limit: int = 20) -> Table:
+    """:func:`trial_rows` for the terminal (a long note cut to keep the table on screen)."""
+    table = Table(title=study_line(study), title_justify="left")
+    for column in TRIAL_COLUMNS:
+        table.add_column(column)
+    for row in trial_rows(study, limit):
+        table.add_row(*row[:-1], Text(row[-1][:60]))
     return table
+
+
+def trials_markdown(study: optuna.Study, limit: int = 20) -> str:
+    """:func:`trial_rows` for a pipe or log: the progress line, then a Markdown table, nothing cut."""
+    right = [column in ("trial", "value", "alpha", "beta", "gamma_pos", "gamma_neg") for column in TRIAL_COLUMNS]
+    return f"{study_line(study)}\n\n{markdown_table(TRIAL_COLUMNS, trial_rows(study, limit), right)}"
+
+
+class ProgressLines:
+    """The launcher's view for a pipe or log: a line each time the study's progress or a worker's
+    state changes. A Live table there cannot redraw in place; it would repeat, cut to 80 columns."""
+
+    def __init__(self, study_name: str, write: Callable[[str], None]) -> None:
+        self._study_name = study_name
+        self._write = write
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, study: optuna.Study, slots: list) -> None:
+        try:
+            lines = {"study": study_line(study)}
+        except storage_errors():
+            lines = {"study": f"{self._study_name}: storage unreachable; workers wait for it"}
+        lines.update({f"worker {slot.index}": f"worker {slot.index}: {slot.state}" for slot in slots})
+        for key, line in lines.items():
+            if self._seen.get(key) != line:
+                self._write(line)
+                self._seen[key] = line

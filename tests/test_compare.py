@@ -19,10 +19,8 @@ from alpa_tune.compare import (
     load_best,
     parse_losses,
     run_comparison,
-    table,
-    to_csv,
-    to_markdown,
 )
+from alpa_tune.compare_table import table, to_csv, to_markdown
 from alpa_tune.config import load_config
 from alpa_tune.data import load_dataset
 from alpa_tune.records import read_record

@@ -95,7 +95,7 @@ def _imported(code: str, cwd: Path | None = None) -> set[str]:
 
 @pytest.mark.parametrize("module", ["alpa_tune.study", "alpa_tune.search", "alpa_tune.views", "alpa_tune.export",
                                     "alpa_tune.report", "alpa_tune.dashboard", "alpa_tune.records",
-                                    "alpa_tune.config", "alpa_tune.storage"])
+                                    "alpa_tune.config", "alpa_tune.storage", "alpa_tune.compare_table"])
 def test_read_only_modules_import_no_heavy_library(module: str) -> None:
     imported = _imported(f"import {module}")
     assert module.split(".")[0] in imported
