@@ -19,8 +19,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -29,6 +28,9 @@ from optuna.trial import TrialState
 
 from alpa_tune.config import WorkersConfig
 from alpa_tune.units import DiskFull, format_bytes, free_space, is_disk_full
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 # Our own output says what happened; Optuna's info logs and experimental-API warnings are noise to users.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -50,34 +52,59 @@ def resolve_url(url: str | None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", url)
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``; a URL without a password unchanged."""
+    try:
+        parsed = _parse_url(url)
+    except StorageError:
+        return _mask_pattern(url)  # malformed: mask whatever looks like a password
+    return url if parsed is None or parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 def mask_text(text: str, url: str | None = None) -> str:
     """Remove any password (from ``url`` or any URL inside ``text``) from a message."""
-    text = _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
-    password = urlsplit(url).password if url and "://" in url else None
-    if password:
-        text = text.replace(password, "***")
+    text = _mask_pattern(text)
+    with contextlib.suppress(StorageError):
+        parsed = _parse_url(url) if url else None
+        if parsed is not None and parsed.password:
+            text = text.replace(str(parsed.password), "***")  # decoded, as a driver may quote it
     return text
 
 
+def _mask_pattern(text: str) -> str:
+    """Free text: mask the password of anything shaped like ``scheme://user:password@``."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
+
+
+_URL_FORMS = "use sqlite:///FILE, postgresql://USER@HOST/DB (password in the URL or ~/.pgpass) or journal:FILE"
+
+
+def _parse_url(url: str) -> URL | None:
+    """The SQLAlchemy URL behind ``url``; None for a journal URL (``journal:FILE`` is not one)."""
+    from sqlalchemy.engine import make_url
+
+    if url[:8].lower() == "journal:":
+        return None
+    try:
+        return make_url(url)
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, or ValueError for a port such as ":abc"
+        detail = str(exc).splitlines()[0] if "://" in url else "no scheme://"
+        raise StorageError(f"storage URL {_mask_pattern(url)!r}: malformed ({detail}); {_URL_FORMS}") from None
+
+
 def scheme_of(url: str) -> str:
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+    """``sqlite``, ``postgresql`` or ``journal``; a StorageError (one masked line) for anything else."""
+    parsed = _parse_url(url)
+    scheme = "journal" if parsed is None else parsed.get_backend_name().lower()
     if scheme not in SCHEMES:
-        raise StorageError(
-            f"storage URL {mask_url(url)!r}: unknown scheme {scheme or '(none)'!r}; use sqlite:///FILE, "
-            "postgresql://USER@HOST/DB (password in the URL or ~/.pgpass) or journal:FILE"
-        )
+        raise StorageError(f"storage URL {mask_url(url)!r}: unknown scheme {scheme!r}; {_URL_FORMS}")
     return scheme
 
 
 def driver_url(url: str) -> str:
     """SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; we ship psycopg2, so name it."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
+    if scheme_of(url) != "postgresql":
+        return url
+    return _parse_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
 def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: bool = False) -> BaseStorage:
@@ -108,8 +135,10 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
             # study_directions already exists"): one process at a time creates the schema.
             with contextlib.nullcontext() if read_only else _schema_lock(url):
                 _prepare_sqlite(url)
-                # A long busy timeout: local workers share one file and queue for its write lock.
-                return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat)
+                # A long busy timeout (local workers share one file and queue for its write lock),
+                # unless the URL names its own (?timeout=S, which SQLAlchemy passes to sqlite3).
+                busy = {} if "timeout" in _parse_url(url).query else {"connect_args": {"timeout": 60}}
+                return RDBStorage(url, engine_kwargs=busy, **heartbeat)
         engine_kwargs = {
             "pool_pre_ping": True,  # a connection killed by the server is replaced, not used
             "pool_size": 2,
@@ -168,7 +197,7 @@ def _reason(exc: BaseException, url: str) -> str:
 def require_folder(url: str, path: Path) -> None:
     """A storage file's folder must exist: we create files, never folders."""
     if not path.parent.is_dir():
-        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+        raise StorageError(f"storage {mask_url(url)}: folder {path.parent} does not exist")
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -182,8 +211,9 @@ def _prepare_sqlite(url: str) -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    rest = url.split(":///", 1)[1] if ":///" in url else ""
-    return None if rest in ("", ":memory:") else Path(rest)
+    """The file of a SQLite URL, without its query (``?timeout=5``); None for in-memory SQLite."""
+    database = _parse_url(url).database
+    return None if database in (None, "", ":memory:") else Path(database)
 
 
 def journal_or_sqlite_path(url: str) -> Path | None:
