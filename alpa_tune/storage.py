@@ -32,10 +32,6 @@ from alpa_tune.units import DiskFull, format_bytes, free_space, is_disk_full
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-# Our own output says what happened; Optuna's info logs and experimental-API warnings are noise to users.
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 ENV_VAR = "ALPA_TUNE_STORAGE"
 DEFAULT_URL = "sqlite:///alpa-tune.db"
 SCHEMES = ("sqlite", "postgresql", "journal")
@@ -49,6 +45,16 @@ class StorageError(ValueError):
 def resolve_url(url: str | None) -> str:
     """``--storage`` wins, then ``$ALPA_TUNE_STORAGE``, then the embedded default."""
     return url or os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def quiet_optuna() -> None:
+    """Silence Optuna's info logs and experimental-API warnings: our own output says what happened.
+
+    Called by the command line (and so by every worker it starts), not at import: a program that
+    imports this module keeps its own logging and warning settings.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def mask_url(url: str) -> str:
