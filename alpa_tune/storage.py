@@ -178,14 +178,38 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
 _PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                     "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 _TRANSIENT_RETRIES = 4
-_TRANSIENT_MARKERS = ("server closed the connection", "terminating connection", "connection already closed",
-                      "could not receive data", "the database system is starting up",
-                      "the database system is shutting down", "SSL SYSCALL error")
+# SQLSTATEs of a server that is restarting or dropped us (class 08: connection exceptions).
+_TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03")  # admin_shutdown, crash_shutdown, cannot_connect_now
 
 
 def _is_transient(exc: BaseException) -> bool:
-    text = str(getattr(exc, "orig", None) or exc)
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
+    """Whether ``exc`` (or what it wraps) is a server restarting or a connection lost: worth a retry.
+
+    A wrong password or a missing database is not.
+    """
+    import psycopg2
+    import sqlalchemy
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.DBAPIError):
+            if error.connection_invalidated:
+                return True
+            error = error.orig
+            continue
+        code = getattr(error, "pgcode", None)
+        if code:
+            return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+        if isinstance(error, psycopg2.OperationalError):
+            # No SQLSTATE: a server that is down, a dropped socket or a timeout. psycopg2 gives none
+            # for a refused connect either (wrong password, missing database or role); libpq then
+            # carries the server's own error line, led by its severity ("FATAL:"), so a message
+            # with one is the server refusing us, not a server out of reach.
+            return "FATAL:" not in str(error)
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _reason(exc: BaseException, url: str) -> str:
