@@ -435,8 +435,10 @@ def main() -> None:
         from click import exceptions as click
 
     from alpa_tune.errors import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_STORAGE_LOST, BadInput
-    from alpa_tune.storage import StorageLost, mask_text
+    from alpa_tune.storage import StorageLost, mask_text, quiet_optuna
     from alpa_tune.units import DiskFull
+
+    quiet_optuna()
 
     def fail(message: str, code: int, hint: str | None = None) -> None:
         err_console.print(f"error: {mask_text(message)}", markup=False, highlight=False, soft_wrap=True)

@@ -21,8 +21,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -32,9 +31,8 @@ from optuna.trial import TrialState
 from alpa_tune.config import WorkersConfig
 from alpa_tune.units import DiskFull, format_bytes, free_space, is_disk_full
 
-# Our own output says what happened; Optuna's info logs and experimental-API warnings are noise to users.
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 ENV_VAR = "ALPA_TUNE_STORAGE"
 DEFAULT_URL = "sqlite:///alpa-tune.db"
@@ -51,35 +49,70 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
+def quiet_optuna() -> None:
+    """Silence Optuna's info logs and experimental-API warnings: our own output says what happened.
+
+    Called by the command line (and so by every worker it starts), not at import: a program that
+    imports this module keeps its own logging and warning settings.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def mask_url(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", url)
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``; a URL without a password unchanged."""
+    try:
+        parsed = _parse_url(url)
+    except StorageError:
+        return _mask_pattern(url)  # malformed: mask whatever looks like a password
+    return url if parsed is None or parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 def mask_text(text: str, url: str | None = None) -> str:
     """Remove any password (from ``url`` or any URL inside ``text``) from a message."""
-    text = _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
-    password = urlsplit(url).password if url and "://" in url else None
-    if password:
-        text = text.replace(password, "***")
+    text = _mask_pattern(text)
+    with contextlib.suppress(StorageError):
+        parsed = _parse_url(url) if url else None
+        if parsed is not None and parsed.password:
+            text = text.replace(str(parsed.password), "***")  # decoded, as a driver may quote it
     return text
 
 
+def _mask_pattern(text: str) -> str:
+    """Free text: mask the password of anything shaped like ``scheme://user:password@``."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
+
+
+_URL_FORMS = "use sqlite:///FILE, postgresql://USER@HOST/DB (password in the URL or ~/.pgpass) or journal:FILE"
+
+
+def _parse_url(url: str) -> URL | None:
+    """The SQLAlchemy URL behind ``url``; None for a journal URL (``journal:FILE`` is not one)."""
+    from sqlalchemy.engine import make_url
+
+    if url[:8].lower() == "journal:":
+        return None
+    try:
+        return make_url(url)
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, or ValueError for a port such as ":abc"
+        detail = str(exc).splitlines()[0] if "://" in url else "no scheme://"
+        raise StorageError(f"storage URL {_mask_pattern(url)!r}: malformed ({detail}); {_URL_FORMS}") from None
+
+
 def scheme_of(url: str) -> str:
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+    """``sqlite``, ``postgresql`` or ``journal``; a StorageError (one masked line) for anything else."""
+    parsed = _parse_url(url)
+    scheme = "journal" if parsed is None else parsed.get_backend_name().lower()
     if scheme not in SCHEMES:
-        raise StorageError(
-            f"storage URL {mask_url(url)!r}: unknown scheme {scheme or '(none)'!r}; use sqlite:///FILE, "
-            "postgresql://USER@HOST/DB (password in the URL or ~/.pgpass) or journal:FILE"
-        )
+        raise StorageError(f"storage URL {mask_url(url)!r}: unknown scheme {scheme!r}; {_URL_FORMS}")
     return scheme
 
 
 def driver_url(url: str) -> str:
     """SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; we ship psycopg2, so name it."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
+    if scheme_of(url) != "postgresql":
+        return url
+    return _parse_url(url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
 def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: bool = False) -> BaseStorage:
@@ -110,8 +143,10 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
             # study_directions already exists"): one process at a time creates the schema.
             with contextlib.nullcontext() if read_only else _schema_lock(url):
                 _prepare_sqlite(url)
-                # A long busy timeout: local workers share one file and queue for its write lock.
-                return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat)
+                # A long busy timeout (local workers share one file and queue for its write lock),
+                # unless the URL names its own (?timeout=S, which SQLAlchemy passes to sqlite3).
+                busy = {} if "timeout" in _parse_url(url).query else {"connect_args": {"timeout": 60}}
+                return RDBStorage(url, engine_kwargs=busy, **heartbeat)
         engine_kwargs = {
             "pool_pre_ping": True,  # a connection killed by the server is replaced, not used
             "pool_size": 2,
@@ -127,7 +162,7 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
             except Exception as exc:  # noqa: BLE001
                 # A worker starting while the server restarts or drops sessions waits a little;
                 # a wrong password or a missing database fails at once.
-                if attempt == _TRANSIENT_RETRIES or not _is_transient(exc):
+                if attempt == _TRANSIENT_RETRIES or not _is_transient(exc, url):
                     raise
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -145,14 +180,71 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
 _PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                     "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 _TRANSIENT_RETRIES = 4
-_TRANSIENT_MARKERS = ("server closed the connection", "terminating connection", "connection already closed",
-                      "could not receive data", "the database system is starting up",
-                      "the database system is shutting down", "SSL SYSCALL error")
+# SQLSTATEs of a server that is restarting or dropped us (class 08: connection exceptions).
+_TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03")  # admin_shutdown, crash_shutdown, cannot_connect_now
 
 
-def _is_transient(exc: BaseException) -> bool:
-    text = str(getattr(exc, "orig", None) or exc)
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
+def _is_transient(exc: BaseException, url: str | None = None) -> bool:
+    """Whether ``exc`` (or what it wraps) is a server restarting or a connection lost: worth a retry.
+
+    A wrong password or a missing database is not.
+    """
+    import psycopg2
+    import sqlalchemy
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlalchemy.exc.DBAPIError):
+            if error.connection_invalidated:
+                return True
+            error = error.orig
+            continue
+        code = getattr(error, "pgcode", None)
+        if code:
+            return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+        if isinstance(error, psycopg2.OperationalError):
+            # No SQLSTATE: a dropped socket, a server down, or a refused connect (psycopg2 gives
+            # none for any failed connect). Only a refusal carries the server's own line, led by its
+            # severity. Then ask the server (libpq's PQping): one accepting connections refused *us*
+            # (a wrong password, a missing database); one starting up or shutting down is worth a wait.
+            if "FATAL:" not in str(error):
+                return True
+            answer = _ping(url) if url else None
+            return answer is not None and answer not in (_PQPING_OK, _PQPING_NO_ATTEMPT)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_PQPING_OK, _PQPING_NO_ATTEMPT = 0, 3
+
+
+def _ping(url: str) -> int | None:
+    """libpq's PQping on ``url``: 0 accepting, 1 rejecting (starting or shutting down), 2 no
+    response, 3 no attempt (bad parameters); None when libpq cannot be loaded."""
+    import ctypes
+    import ctypes.util
+    import glob
+
+    import psycopg2
+
+    # psycopg2-binary ships its own libpq beside the module; else the system's.
+    bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(psycopg2.__file__)),
+                                     "psycopg2_binary.libs", "libpq*.so*"))
+    for candidate in [*bundled, ctypes.util.find_library("pq")]:
+        if not candidate:
+            continue
+        try:
+            libpq = ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        libpq.PQping.argtypes = [ctypes.c_char_p]
+        libpq.PQping.restype = ctypes.c_int
+        uri = _parse_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        separator = "&" if "?" in uri else "?"
+        return int(libpq.PQping(f"{uri}{separator}connect_timeout=5".encode()))
+    return None
 
 
 def _reason(exc: BaseException, url: str) -> str:
@@ -170,7 +262,7 @@ def _reason(exc: BaseException, url: str) -> str:
 def require_folder(url: str, path: Path) -> None:
     """A storage file's folder must exist: we create files, never folders."""
     if not path.parent.is_dir():
-        raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+        raise StorageError(f"storage {mask_url(url)}: folder {path.parent} does not exist")
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -184,8 +276,9 @@ def _prepare_sqlite(url: str) -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    rest = url.split(":///", 1)[1] if ":///" in url else ""
-    return None if rest in ("", ":memory:") else Path(rest)
+    """The file of a SQLite URL, without its query (``?timeout=5``); None for in-memory SQLite."""
+    database = _parse_url(url).database
+    return None if database in (None, "", ":memory:") else Path(database)
 
 
 def journal_or_sqlite_path(url: str) -> Path | None:
