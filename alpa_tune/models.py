@@ -29,7 +29,7 @@ class NormedLinear(torch.nn.Module):
 
     Every logit is the cosine between a feature and a class weight, so lies in [-1, 1]; the loss
     supplies the scale (LDAM's ``s``). Computed in float32 outside autocast: LDAM's margins
-    (0.5 down to ~0.1 here) would otherwise be comparable to bf16's rounding of the cosines.
+    (0.5 and less, multiplied by s = 30) should not compete with bf16's rounding of the cosines.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:

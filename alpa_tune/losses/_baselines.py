@@ -237,8 +237,10 @@ class LDAMLoss(_Baseline):
     scale ``s`` are defined on a cosine classifier: ``x`` must lie in [-1, 1], so the model
     needs :class:`alpa_tune.models.NormedLinear` (``head = "cosine"``; training builds it). On a
     linear head's unbounded logits, s = 30 saturates the softmax and a margin of 0.5 is
-    small against them: training is erratic (digits-lt, 3 seeds: 61.8 ± 16.9 % held-out
-    balanced accuracy, the other losses 93-97 %).
+    small against them: training is erratic (digits-lt, 10 epochs, 3 seeds: 64.9 ± 13.5 %
+    held-out balanced accuracy on the linear head, 91.3 ± 5.5 % on the cosine one, 96.6 ± 2.7 %
+    with training.scheduler = "cosine"; DRW there: 85.1 ± 1.6 % at a constant LR, 96.4 ± 2.6 %
+    with the cosine schedule).
 
     Re-weighting by the effective number (Cui et al., ``beta``): ``reweight=True`` applies it
     from the start; ``drw=True`` is the paper's deferred re-weighting (DRW): uniform weights,
