@@ -176,7 +176,7 @@ def compare(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The study config the search ran with.")],
     best: Annotated[Path, typer.Option("--best", help="The tuned loss: best.json (or a TOML/Python export).")],
     losses: Annotated[str, typer.Option(help="Comma-separated: alpa (tuned, from --best) and baselines "
-                                        "ce, bce, focal, asl, cb, ldam, alpa_paper.")] = "ce,focal,asl,alpa",
+                                        "ce, bce, focal, asl, cb, ldam, ldam_drw, alpa_paper.")] = "ce,focal,asl,alpa",
     seeds: Annotated[int, typer.Option(help="Trainings per loss (seeds training.seed, +1, ...).", min=1)] = 3,
     storage: StorageOpt = None,
     workers: Annotated[int | None, typer.Option(help="Parallel training processes (default: one per core, "

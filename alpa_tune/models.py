@@ -1,4 +1,8 @@
-"""Backbones by name through timm's registry; pretrained weights from the hub or a local file."""
+"""Backbones by name through timm's registry; pretrained weights from the hub or a local file.
+
+The classifier is timm's linear head, or a cosine one (:class:`NormedLinear`) for losses whose
+margins and scale are defined on cosines (LDAM: a loss declares its ``head``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ from alpa_tune.errors import BadInput
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+HEADS = ("linear", "cosine")
 
 
 class ModelError(BadInput):
@@ -19,13 +26,68 @@ def backbone_exists(name: str) -> bool:
     return timm.is_model(name)
 
 
+class NormedLinear(torch.nn.Module):
+    """Cosine classifier (Cao et al. 2019's code): out = normalize(x, dim=1) @ normalize(W, dim=0).
+
+    Every logit is the cosine between a feature and a class weight, so lies in [-1, 1]; the loss
+    supplies the scale (LDAM's ``s``). Computed in float32 outside autocast: LDAM's margins
+    (0.5 and less, multiplied by s = 30) should not compete with bf16's rounding of the cosines.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # The reference initialisation: uniform, then each column renormed to norm 1e-5 and scaled by 1e5.
+        weight = torch.empty(in_features, out_features).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=1) @ F.normalize(self.weight.float(), dim=0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def model_head(model: torch.nn.Module) -> str:
+    """"cosine" when the model's classifier is a :class:`NormedLinear`, else "linear"."""
+    get_classifier = getattr(model, "get_classifier", None)  # timm models; a test's stand-in may lack it
+    return "cosine" if get_classifier is not None and isinstance(get_classifier(), NormedLinear) else "linear"
+
+
 def create_model(backbone: str, num_classes: int, *, pretrained: bool = False,
-                 checkpoint: str | None = None, drop_rate: float = 0.0) -> torch.nn.Module:
+                 checkpoint: str | None = None, drop_rate: float = 0.0,
+                 head: str = "linear") -> torch.nn.Module:
     """A fresh timm model with a ``num_classes`` head.
 
     ``checkpoint`` (a state dict or a timm checkpoint file) wins over ``pretrained``; its
-    classifier head is dropped and replaced to fit the classes.
+    classifier head is dropped and replaced to fit the classes. ``head="cosine"`` replaces
+    timm's linear classifier by a :class:`NormedLinear` of the same shape.
     """
+    if head not in HEADS:
+        raise ModelError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
+    model = _create_timm_model(backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint,
+                               drop_rate=drop_rate)
+    if head == "cosine":
+        _replace_classifier(model, num_classes)
+    return model
+
+
+def _replace_classifier(model: torch.nn.Module, num_classes: int) -> None:
+    """Swap the model's classifier for a NormedLinear, found by identity as the checkpoint loader does."""
+    old = model.get_classifier()
+    in_features = getattr(old, "in_features", None)
+    if not isinstance(old, torch.nn.Linear) or in_features is None:
+        raise ModelError(f"a cosine head needs a linear classifier to replace; {type(model).__name__} has "
+                         f"{type(old).__name__}")
+    name = next(n for n, m in model.named_modules() if m is old)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child,
+            NormedLinear(in_features, num_classes))
+
+
+def _create_timm_model(backbone: str, num_classes: int, *, pretrained: bool, checkpoint: str | None,
+                       drop_rate: float) -> torch.nn.Module:
     import timm
 
     if not timm.is_model(backbone):

@@ -24,7 +24,7 @@ from alpa_tune import augment
 from alpa_tune.config import StudyConfig, TrainingConfig
 from alpa_tune.data import DataError, ImageDataset
 from alpa_tune.metrics import ClassMetrics, class_metrics
-from alpa_tune.models import create_model
+from alpa_tune.models import create_model, model_head
 
 LossFactory = Callable[[np.ndarray], torch.nn.Module]  # train class counts -> loss module
 
@@ -200,6 +200,10 @@ def epoch_batches(train_index: np.ndarray, batch_size: int, generator: torch.Gen
 class Trainer:
     """One fold's fresh model, optimizer, schedule and loss; ``train_epoch`` makes one pass over batches.
 
+    The loss is built first: its ``head`` attribute ("linear" when it has none) picks the
+    model's classifier (LDAM's margins need cosine logits). Its ``set_epoch(epoch, total)``,
+    when it has one, is called before every epoch.
+
     The loss of each step stays on the device: the host reads the losses every
     ``loss_read_steps`` steps (1 on CPU, where a read costs nothing; :data:`LOSS_READ_STEPS`
     on a GPU, where each read makes the CPU wait for the GPU to finish) and at the end of the
@@ -216,13 +220,18 @@ class Trainer:
         self.augment_generator = torch.Generator(device=device).manual_seed(seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once per shape
+        # The loss draws no random numbers: building it first leaves the model's initialisation as it was.
+        self.loss_fn = loss_factory(class_counts).to(device)
+        head = getattr(self.loss_fn, "head", "linear")
         model = create_model(config.model.backbone, self.num_classes, pretrained=config.model.pretrained,
-                             checkpoint=config.model.checkpoint, drop_rate=config.model.drop_rate).to(device)
+                             checkpoint=config.model.checkpoint, drop_rate=config.model.drop_rate,
+                             head=head).to(device)
+        if model_head(model) != head:  # a factory-level or monkeypatched model builder that ignored the head
+            raise ValueError(f"the loss needs a {head} head, but the model has a {model_head(model)} one")
         # channels_last end to end on CUDA: the weights, and the augmented batches (augment writes that layout).
         self.memory_format = torch.channels_last if t.channels_last and device.type == "cuda" else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format) if self.memory_format == torch.channels_last else model
         self.train_model = torch.compile(self.model) if t.compile else self.model
-        self.loss_fn = loss_factory(class_counts).to(device)
         self.optimizer = _make_optimizer(self.model, t, device)
         self.scheduler = _make_scheduler(self.optimizer, t, steps_per_epoch)
         self.amp_dtype = _amp_dtype(t.amp, device)
@@ -235,8 +244,9 @@ class Trainer:
 
         Raises NonFiniteLossError naming the first step whose loss was NaN or infinite.
         """
-        if hasattr(self.loss_fn, "set_epoch"):
-            self.loss_fn.set_epoch(epoch)  # LDAM's deferred re-weighting switches on at its epoch
+        set_epoch = getattr(self.loss_fn, "set_epoch", None)  # plain nn.Module losses have none
+        if set_epoch is not None:
+            set_epoch(epoch, self.training.epochs)
         self.model.train()
         started = time.perf_counter()
         losses = _LossLog(fold, epoch)

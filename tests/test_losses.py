@@ -146,7 +146,8 @@ def test_unknown_parameter_lists_valid_parameters():
     ("cb", {"class_counts": COUNTS, "beta": 1.0}, "beta"),
     ("cb", {"class_counts": COUNTS, "base": "softmax"}, "base"),
     ("ldam", {"class_counts": [5]}, "class_counts"),
-    ("ldam", {"class_counts": COUNTS, "drw_epoch": -1}, "drw_epoch"),
+    ("ldam", {"class_counts": COUNTS, "drw_start": 1.5}, "drw_start"),
+    ("ldam", {"class_counts": COUNTS, "drw": True, "reweight": True}, "exclude each other"),
     ("ldam", {"class_counts": COUNTS, "s": 0}, "s"),
 ])
 def test_bad_values_are_refused_with_the_key(name, kwargs, fragment):

@@ -202,11 +202,13 @@ def test_ldam_deferred_reweighting():
     w = cb_weights(COUNTS, 0.9999)
     plain, _ = ldam_reference(x, y, COUNTS)
     weighted, _ = ldam_reference(x, y, COUNTS, weights=w)
-    loss = build_loss("ldam", class_counts=COUNTS, drw_epoch=3)
+    loss = build_loss("ldam", class_counts=COUNTS, drw=True, drw_start=0.3)
     np.testing.assert_allclose(loss.drw_weights, w, rtol=1e-9)
+    assert not loss.reweighting  # not told the epoch yet
+    loss.set_epoch(2, 10)
     assert not loss.reweighting
     assert value_and_grad(loss, x, torch.tensor(y))[0] == pytest.approx(plain, rel=1e-10)
-    loss.set_epoch(3)
+    loss.set_epoch(3, 10)  # ceil(0.3 * 10) = 3
     assert loss.reweighting
     assert value_and_grad(loss, x, torch.tensor(y))[0] == pytest.approx(weighted, rel=1e-10)
     always = build_loss("ldam", class_counts=COUNTS, reweight=True)

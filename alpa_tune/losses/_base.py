@@ -33,9 +33,14 @@ class TunableLoss(nn.Module):
     Subclasses define an ``__init__`` with explicit keyword parameters (the signature is the
     parameter list that errors quote), call :meth:`_configure` with them, and implement
     :meth:`_validate` (check and normalise a full parameter dict) and ``forward``.
+
+    Two hooks for the training loop: :attr:`head`, the classifier the logits must come from
+    (training builds the model with it), and :meth:`set_epoch`, called before every epoch.
     """
 
     name: ClassVar[str] = ""
+    # "linear": any logits (timm's head); "cosine": logits are cosines in [-1, 1] (models.NormedLinear).
+    head: ClassVar[str] = "linear"
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,6 +102,12 @@ class TunableLoss(nn.Module):
 
     def _params_changed(self) -> None:
         """Hook: recompute derived constants after the hyperparameters changed."""
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Hook: the training loop calls it before epoch ``epoch`` (0-based) of ``total_epochs``.
+
+        A schedule over training (LDAM's deferred re-weighting) lives here; most losses have none.
+        """
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._params.items())
