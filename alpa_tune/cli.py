@@ -407,7 +407,6 @@ def _gpus(text: str | None) -> list[int]:
 def _check_writable(folder: Path) -> None:
     from alpa_tune.files import check_writable
     from alpa_tune.records import ExportError
-
     from alpa_tune.storage import check_free_space
 
     try:

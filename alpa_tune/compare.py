@@ -9,8 +9,6 @@ The result is one JSON-ready dict (stored in the study as the ``comparison`` use
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 import datetime as dt
 import multiprocessing
 import os
@@ -25,6 +23,7 @@ import numpy as np
 
 from alpa_tune.compare_table import to_csv, to_markdown
 from alpa_tune.config import StudyConfig, config_from_dict
+from alpa_tune.errors import BadInput
 from alpa_tune.files import check_writable, write_atomically
 from alpa_tune.records import read_record
 from alpa_tune.storage import StorageError, journal_or_sqlite_path, mask_url, open_storage

@@ -6,10 +6,6 @@ whose message is one line naming the key and what is wrong (the CLI prints it, e
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-from alpa_tune.files import read_text
-from alpa_tune.units import format_bytes
-
 import dataclasses
 import math
 import tomllib
@@ -18,6 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import tomli_w
+
+from alpa_tune.errors import BadInput
+from alpa_tune.files import read_text
+from alpa_tune.units import format_bytes
 
 # Every fixed choice is a Literal: the loader refuses anything else with one line naming the key,
 # and each dispatch on it raises on a name it does not know.

@@ -6,14 +6,13 @@ study and edit notes. So it binds to loopback unless told otherwise, and says so
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 import contextlib
 import ipaddress
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from alpa_tune.errors import BadInput
 from alpa_tune.storage import mask_url, open_storage
 
 if TYPE_CHECKING:

@@ -7,7 +7,6 @@ Reading never executes anything: the snippet's values are literals parsed with `
 
 from __future__ import annotations
 
-
 import datetime as dt
 import json
 import platform
@@ -24,8 +23,8 @@ from alpa_tune.config import to_toml
 from alpa_tune.files import write_atomically
 from alpa_tune.records import FORMATS, PY_EXPORT, PY_LOSS, PY_PARAMS, ExportError
 from alpa_tune.search import loss_spec
-from alpa_tune.study import ranked_complete_trials, stored_config
 from alpa_tune.storage import mask_text
+from alpa_tune.study import ranked_complete_trials, stored_config
 
 _METRIC_KEYS = ("fold_balanced_accuracy", "fold_macro_f1", "class_names", "class_recall", "class_f1",
                 "epoch_seconds", "images_per_second", "device", "worker")

@@ -6,12 +6,12 @@ margins and scale are defined on cosines (LDAM: a loss declares its ``head``).
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from alpa_tune.errors import BadInput
 
 HEADS = ("linear", "cosine")
 

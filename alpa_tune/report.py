@@ -6,8 +6,6 @@ can be mailed or archived and still open years later without a network.
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 import datetime as dt
 import html
 from collections.abc import Callable
@@ -18,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from alpa_tune import __version__
+from alpa_tune.errors import BadInput
 from alpa_tune.files import write_atomically
 from alpa_tune.study import ranked_complete_trials
 

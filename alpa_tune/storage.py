@@ -6,8 +6,6 @@ password masking: a URL or error text leaves this module only with its password 
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 import contextlib
 import fcntl
 import json
@@ -29,6 +27,7 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, Jour
 from optuna.trial import TrialState
 
 from alpa_tune.config import WorkersConfig
+from alpa_tune.errors import BadInput
 from alpa_tune.units import DiskFull, format_bytes, free_space, is_disk_full
 
 if TYPE_CHECKING:

@@ -35,9 +35,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from alpa_tune.config import MACHINE_LOCAL_KEYS, ConfigError, override_keys
-from alpa_tune.units import is_disk_full
 from alpa_tune.objective import Objective
-from alpa_tune.study import allocate_rank, backend, finished, load_study, stored_config, study_budget
 from alpa_tune.search import make_pruner, make_sampler
 from alpa_tune.storage import (
     StorageError,
@@ -51,6 +49,8 @@ from alpa_tune.storage import (
     storage_errors,
     study_lock,
 )
+from alpa_tune.study import allocate_rank, backend, finished, load_study, stored_config, study_budget
+from alpa_tune.units import is_disk_full
 
 MAX_CONSECUTIVE_FAILURES = 5
 

@@ -537,8 +537,7 @@ def _storage(args: argparse.Namespace) -> str:
 def section_study(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, Any]:
     import optuna
 
-    from alpa_tune.study import study_budget
-    from alpa_tune.study import finished
+    from alpa_tune.study import finished, study_budget
 
     storage = _storage(args)
     _cli(args, "study", "create", "study.toml", "--storage", storage, timeout=120)

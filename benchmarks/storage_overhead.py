@@ -20,8 +20,8 @@ import optuna
 import sqlalchemy
 
 from alpa_tune.config import WorkersConfig
+from alpa_tune.storage import driver_url, open_storage, quiet_optuna
 from alpa_tune.study import BUDGET_ATTR
-from alpa_tune.storage import driver_url, open_storage
 from alpa_tune.workers import trial_loop
 
 WORKERS = WorkersConfig(heartbeat_interval=10, grace_period=30, max_retries=2)
@@ -80,6 +80,7 @@ def throughput(url: str, workers: int, trials: int) -> float:
 
 
 def main() -> None:
+    quiet_optuna()  # as the CLI does: Optuna's per-trial info lines would drown the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)

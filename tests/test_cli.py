@@ -8,10 +8,10 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import cli, start_worker, write_config
 from optuna.trial import TrialState
 
 import alpa_tune
-from conftest import cli, start_worker, write_config
 
 
 def _study(folder: Path, name: str) -> optuna.Study:

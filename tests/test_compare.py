@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import cli
+from test_export import STUDY, finished_study, sqlite_url
 
 from alpa_tune.compare import (
     BASELINES,
@@ -23,12 +25,10 @@ from alpa_tune.compare import (
 from alpa_tune.compare_table import table, to_csv, to_markdown
 from alpa_tune.config import load_config
 from alpa_tune.data import load_dataset
-from alpa_tune.records import read_record
 from alpa_tune.losses import LossConfigError
+from alpa_tune.records import read_record
 from alpa_tune.report import build_report
 from alpa_tune.training import split_holdout
-from conftest import cli
-from test_export import STUDY, finished_study, sqlite_url
 
 
 @pytest.fixture(scope="module")

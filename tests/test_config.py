@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alpa_tune.preflight import check_registries
 from alpa_tune.config import ConfigError, StudyConfig, config_from_dict, load_config, parse_override, to_toml
+from alpa_tune.preflight import check_registries
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import cli, write_config
+from test_export import STUDY, finished_study, sqlite_url
 
 from alpa_tune import dashboard
 from alpa_tune.config import load_config
 from alpa_tune.dashboard import DashboardError, exposure_warning, is_loopback, study_note
-from alpa_tune.study import create_study
 from alpa_tune.storage import open_storage
-from conftest import cli, write_config
-from test_export import STUDY, finished_study, sqlite_url
+from alpa_tune.study import create_study
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from conftest import cli, finish, read_logs, start_worker, wait_for, write_config
 from optuna.trial import TrialState
 
 from alpa_tune.storage import driver_url
-from conftest import cli, finish, read_logs, start_worker, wait_for, write_config
 
 
 def _study(url: str, name: str = "tiny") -> optuna.Study:

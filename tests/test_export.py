@@ -17,14 +17,14 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import cli, write_config
 
 import alpa_tune
 from alpa_tune.config import load_config
 from alpa_tune.export import render_records, study_records, write_records
 from alpa_tune.records import ExportError, load_loss, read_record, read_records
-from alpa_tune.study import create_study
 from alpa_tune.storage import open_storage
-from conftest import cli, write_config
+from alpa_tune.study import create_study
 
 STUDY = "tiny"
 

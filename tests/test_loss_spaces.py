@@ -10,8 +10,14 @@ import optuna
 import pytest
 import torch
 
-from alpa_tune.losses import (available_losses, build_loss, loss_kwargs, loss_paper_points,
-                              loss_paper_setting, loss_search_space)
+from alpa_tune.losses import (
+    available_losses,
+    build_loss,
+    loss_kwargs,
+    loss_paper_points,
+    loss_paper_setting,
+    loss_search_space,
+)
 from alpa_tune.space import Choice, Real, corners, decode_trial_params, narrow, sample, trial_param_names
 
 COUNTS = [400, 90, 20, 5]

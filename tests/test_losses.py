@@ -7,17 +7,24 @@ product-rule derivatives), not from the fused kernel's log-space rearrangement.
 from __future__ import annotations
 
 import itertools
-import os
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from alpa_tune.losses import (ALPALoss, LossConfigError, alpa_unfused, available_losses, build_loss,
-                              compile_enabled, loss_parameters)
+from alpa_tune.losses import (
+    ALPALoss,
+    LossConfigError,
+    alpa_unfused,
+    available_losses,
+    build_loss,
+    compile_enabled,
+    loss_parameters,
+)
 
 COUNTS = [40, 20, 10, 5, 2]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import write_config
 
 from alpa_tune.config import load_config
-from alpa_tune.study import create_study
 from alpa_tune.storage import open_storage
-from conftest import write_config
+from alpa_tune.study import create_study
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alpa_tune"
 HEAVY = ("torch", "sklearn", "timm")

@@ -13,15 +13,15 @@ import re
 import subprocess
 import time
 from collections import Counter
-from datetime import datetime
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 from conftest import cli, finish, read_logs, start_worker, wait_for, write_config
-from netns import Host, Network, NetnsUnavailable
+from netns import Host, NetnsUnavailable, Network
 from optuna.trial import TrialState
 
 from alpa_tune.storage import open_storage

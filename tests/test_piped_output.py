@@ -15,7 +15,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import write_config
 
 # Anything that would make rich treat the pipe as a terminal, or size it, is left out.

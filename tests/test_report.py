@@ -15,14 +15,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import cli, write_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
+from test_export import STUDY, finished_study, sqlite_url
 
 from alpa_tune.config import load_config
 from alpa_tune.report import MIN_IMPORTANCE_TRIALS, write_report
 from alpa_tune.study import create_study
-from conftest import cli, write_config
-from test_export import STUDY, finished_study, sqlite_url
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Injected first into <head>: records script errors, rejected promises and every resource the

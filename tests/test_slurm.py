@@ -21,10 +21,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import cli, write_config
 from optuna.trial import TrialState
 
 from alpa_tune.storage import driver_url
-from conftest import cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "deploy" / "slurm-array.sbatch"

@@ -14,9 +14,9 @@ import optuna
 import psycopg2
 import pytest
 import sqlalchemy
+from conftest import cli, write_config
 
 from alpa_tune.storage import StorageError, _is_transient, driver_url, open_storage, study_lock
-from conftest import cli, write_config
 
 
 def _assert_named_after_q_db(folder: Path) -> None:

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import optuna
+from conftest import cli, finish, read_logs, wait_for, write_config
 from optuna.trial import TrialState
 
-from alpa_tune.study import BUDGET_ATTR
 from alpa_tune.storage import open_storage
-from conftest import cli, finish, read_logs, wait_for, write_config
+from alpa_tune.study import BUDGET_ATTR
 
 
 def _study(url: str) -> optuna.Study:

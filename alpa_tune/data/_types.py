@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from alpa_tune.errors import BadInput
 
 # progress(done, total): called while a source decodes or builds its cache.
 ProgressFn = Callable[[int, int], None]

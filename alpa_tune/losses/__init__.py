@@ -14,10 +14,18 @@ from __future__ import annotations
 from ._alpa import ALPALoss, alpa_unfused
 from ._alpa_kernels import compile_enabled
 from ._base import LossConfigError, TunableLoss
-from ._baselines import (ASLLoss, BCELoss, CELoss, ClassBalancedLoss, FocalLoss, LDAMLoss,
-                         effective_number_weights)
-from ._registry import (alias_params, available_losses, build_loss, loss_kwargs, loss_paper_points,
-                        loss_paper_setting, loss_parameters, loss_search_space, register_loss)
+from ._baselines import ASLLoss, BCELoss, CELoss, ClassBalancedLoss, FocalLoss, LDAMLoss, effective_number_weights
+from ._registry import (
+    alias_params,
+    available_losses,
+    build_loss,
+    loss_kwargs,
+    loss_paper_points,
+    loss_paper_setting,
+    loss_parameters,
+    loss_search_space,
+    register_loss,
+)
 
 for _cls in (ALPALoss, ASLLoss, FocalLoss, BCELoss, CELoss, ClassBalancedLoss, LDAMLoss):
     register_loss(_cls)

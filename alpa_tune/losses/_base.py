@@ -7,8 +7,6 @@ nothing recompiles.
 
 from __future__ import annotations
 
-from alpa_tune.errors import BadInput
-
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alpa_tune.errors import BadInput
 from alpa_tune.space import Param
 
 REDUCTIONS = ("sum", "mean")
