@@ -197,7 +197,7 @@ def compare(
         store_comparison,
         write_outputs,
     )
-    from alpa_tune.compare_table import rich_table, title, to_markdown
+    from alpa_tune.compare_table import rich_summary, rich_table, title, to_markdown
     from alpa_tune.config import load_config
 
     config = load_config(config_path, set_ or [])
@@ -213,6 +213,9 @@ def compare(
                                     on_run=lambda run, done, total: progress.update(task, completed=done))
     if console.is_terminal:
         console.print(rich_table(comparison))
+        summary = rich_summary(comparison)
+        if summary is not None:
+            console.print(summary)
     else:
         console.print(f"{title(comparison)}\n\n{to_markdown(comparison)}", markup=False, highlight=False)
     paths = write_outputs(comparison, output)

@@ -184,8 +184,13 @@ def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str
                 raise
     order = {(job.loss.label, job.seed): k for k, job in enumerate(jobs)}
     runs.sort(key=lambda run: order[(run["loss"], run["seed"])])
+    results, verdict_line = held_out_statistics(entries, runs, dataset.labels[held],
+                                                study=record.get("study") or config.name)
     return {
-        "format": 1,
+        "format": 2,
+        "results": results,
+        "verdict": verdict_line,
+        "statistics": STATISTICS,
         "study": record.get("study") or config.name,
         "tuned_trial": record.get("trial"),
         "tuned_value": record.get("value"),
@@ -203,6 +208,41 @@ def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str
         "workers": n_workers,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+STATISTICS = ("paired, stratified, two-level bootstrap (alpa_tune.stats): 2000 replicates resample the seeds "
+              "and, within each class, the held-out images, the same draws for every loss; 95 % percentile intervals")
+
+
+def held_out_statistics(entries: list[LossEntry], runs: list[dict[str, Any]], targets: np.ndarray, *,
+                        study: str | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Per label: ``tuned``, ``study``, ``params``, ``balanced_accuracy`` {mean, ci95} and ``vs_best``
+    {difference, ci95}, ``best``, ``distinguishable``; and the one-line verdict. A loss that
+    diverged on some seed has no paired runs: it gets nulls and is named in the verdict."""
+    from alpa_tune.stats import paired_bootstrap, verdict
+
+    by_label = {entry.label: [r for r in runs if r["loss"] == entry.label] for entry in entries}
+    complete = {label: [np.asarray(r["predictions"]) for r in label_runs]
+                for label, label_runs in by_label.items() if label_runs and all("error" not in r for r in label_runs)}
+    stats = {s.label: s for s in paired_bootstrap(targets, complete)} if complete else {}
+    results = {}
+    for entry in entries:
+        s = stats.get(entry.label)
+        results[entry.label] = {
+            "tuned": entry.label == TUNED,
+            "study": study if entry.label == TUNED else None,
+            "loss": entry.name,
+            "params": entry.params,
+            "balanced_accuracy": None if s is None else {"mean": s.mean, "ci95": list(s.ci95)},
+            "vs_best": None if s is None else {"difference": s.difference, "ci95": list(s.difference_ci95)},
+            "best": bool(s and s.best),
+            "distinguishable": None if s is None else s.distinguishable,
+        }
+    line = verdict(list(stats.values())) if stats else "No loss trained on every seed; nothing to compare."
+    diverged = [label for label in by_label if label not in complete]
+    if diverged and stats:
+        line += f" Left out (diverged on some seed): {', '.join(diverged)}."
+    return results, line
 
 
 # -- worker processes ------------------------------------------------------------------------
@@ -249,6 +289,7 @@ def _train_one(job: Job) -> dict[str, Any]:
         "macro_f1": result.macro_f1,
         "recall": [_finite_or_none(v) for v in result.recall],
         "f1": [_finite_or_none(v) for v in result.f1],
+        "predictions": result.predictions,  # per held-out image: the paired statistics need them
         "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -94,11 +94,38 @@ def _flag_best(cells: list[Cell]) -> list[Cell]:
     return out
 
 
+SUMMARY_HEADER = ["Loss", "Tuned", "Balanced accuracy % [95 % CI]", "Difference to best [95 % CI]", "Verdict"]
+
+
+def summary_rows(comparison: dict[str, Any]) -> list[list[str]]:
+    """One row per loss from the paired statistics (compare.json format 2); empty for older ones."""
+    rows = []
+    for label, result in comparison.get("results", {}).items():
+        accuracy, versus = result["balanced_accuracy"], result["vs_best"]
+        if accuracy is None:
+            rows.append([label, "yes" if result["tuned"] else "no", "-", "-", "diverged"])
+            continue
+        low, high = accuracy["ci95"]
+        d_low, d_high = versus["ci95"]
+        mark = "best" if result["best"] else ("worse" if result["distinguishable"] else "not distinguishable")
+        rows.append([label, "yes" if result["tuned"] else "no",
+                     f"{accuracy['mean'] * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}]",
+                     "-" if result["best"] else
+                     f"{versus['difference'] * 100:+.2f} [{d_low * 100:+.2f}, {d_high * 100:+.2f}]", mark])
+    return rows
+
+
 def to_markdown(comparison: dict[str, Any]) -> str:
+    """The summary with its intervals and the verdict first (the answer), then the per-class table."""
     t = table(comparison)
     rows = [[name, str(train), str(test), *(f"**{c.text()}**" if c.best else c.text() for c in cells)]
             for name, train, test, cells in t.rows]
-    return markdown_table(t.header, rows, right=[False] + [True] * (len(t.header) - 1)) + f"\n\n{t.note}\n"
+    per_class = markdown_table(t.header, rows, right=[False] + [True] * (len(t.header) - 1)) + f"\n\n{t.note}\n"
+    summary = summary_rows(comparison)
+    if not summary:
+        return per_class
+    return (markdown_table(SUMMARY_HEADER, summary, right=[False, False, True, True, False])
+            + f"\n\n{comparison['verdict']}\n\n{per_class}")
 
 
 def to_csv(comparison: dict[str, Any]) -> str:
@@ -136,4 +163,20 @@ def rich_table(comparison: dict[str, Any]) -> RichTable:
         texts = [c.text().replace(" ± ", "\n±") for c in cells]
         texts = [f"[bold green]{text}[/]" if c.best else text for c, text in zip(cells, texts)]
         out.add_row(name, str(train), *texts, end_section=k == len(t.rows) - 2)
+    return out
+
+
+def rich_summary(comparison: dict[str, Any]) -> RichTable | None:
+    """The summary with intervals for the terminal, its caption the verdict; None for older comparisons."""
+    from rich.table import Table as RichTable
+
+    rows = summary_rows(comparison)
+    if not rows:
+        return None
+    out = RichTable(title="Held-out balanced accuracy, paired bootstrap", caption=comparison["verdict"],
+                    title_justify="left")
+    for k, column in enumerate(SUMMARY_HEADER):
+        out.add_column(column, justify="right" if k in (2, 3) else "left")
+    for row in rows:
+        out.add_row(*(f"[bold green]{cell}[/]" if row[-1] == "best" else cell for cell in row))
     return out

@@ -59,6 +59,7 @@ class FoldResult:
     images_per_second: float
     device: str
     epochs: list[EpochStats] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)  # predicted class per evaluated image, in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,7 +178,8 @@ def train_and_evaluate(
             epochs.append(stats)
             if on_epoch:
                 on_epoch(stats)
-        metrics = trainer.score(reader, eval_index, t.batch_size)
+        predicted = trainer.predict(reader, eval_index, t.batch_size)
+    metrics = class_metrics(dataset.labels[eval_index], predicted, dataset.num_classes)
     return FoldResult(
         fold=fold,
         balanced_accuracy=metrics.balanced_accuracy,
@@ -188,6 +190,7 @@ def train_and_evaluate(
         images_per_second=float(np.mean([e.images_per_second for e in epochs])),
         device=str(device),
         epochs=epochs,
+        predictions=predicted.tolist(),
     )
 
 

@@ -75,7 +75,27 @@ def test_compare_prints_writes_and_stores_table_3(study_dir: Path, compared: sub
     assert rows[0][:5] == ["class", "train_samples", "test_samples", "ce_acc_mean", "ce_acc_std"]
     assert len(rows) == 1 + 4 + 1 and rows[-1][0] == "balanced_accuracy/macro_f1"
     markdown = (study_dir / "cmp" / "tiny.md").read_text()
-    assert markdown.startswith("| Class | Training samples | Test samples | ce Acc | ce F1 | alpa Acc | alpa F1 |")
+    assert markdown.startswith("| Loss | Tuned | Balanced accuracy % [95 % CI] | Difference to best [95 % CI] |")
+    assert "| Class | Training samples | Test samples | ce Acc | ce F1 | alpa Acc | alpa F1 |" in markdown
+    assert comparison["verdict"] in markdown
+
+    # The paired statistics, in the fields other tools read.
+    assert comparison["format"] == 2 and "bootstrap" in comparison["statistics"]
+    assert list(comparison["results"]) == ["ce", "alpa"]
+    alpa, ce = comparison["results"]["alpa"], comparison["results"]["ce"]
+    assert alpa["tuned"] and alpa["study"] == "tiny" and alpa["params"] == best["params"]
+    assert not ce["tuned"] and ce["study"] is None
+    for label, result in comparison["results"].items():
+        runs = [r for r in comparison["runs"] if r["loss"] == label]
+        assert all(len(r["predictions"]) == sum(comparison["test_counts"]) for r in runs)
+        mean = result["balanced_accuracy"]["mean"]
+        assert mean == pytest.approx(np.mean([r["balanced_accuracy"] for r in runs]))
+        low, high = result["balanced_accuracy"]["ci95"]
+        assert low <= mean <= high
+        d_low, d_high = result["vs_best"]["ci95"]
+        assert d_low <= result["vs_best"]["difference"] <= d_high
+    assert [r["best"] for r in comparison["results"].values()].count(True) == 1
+    assert comparison["verdict"].endswith(".") and ("best" in comparison["verdict"] or "cannot rank" in comparison["verdict"])
 
     study = optuna.load_study(study_name=STUDY, storage=sqlite_url(study_dir))
     assert study.user_attrs["comparison"]["runs"] == comparison["runs"]
@@ -90,6 +110,20 @@ def test_same_seed_same_result_in_process_or_in_a_worker(study_dir: Path,
     alone = run_comparison(config, read_record(study_dir / "best.json"), ["ce"], 1, workers=1)
     first = next(r for r in parallel["runs"] if r["loss"] == "ce" and r["seed"] == 0)
     assert alone["runs"][0]["recall"] == first["recall"] and alone["runs"][0]["f1"] == first["f1"]
+
+
+def test_two_identical_losses_are_not_distinguishable(study_dir: Path) -> None:
+    """best.json set to the paper's Loss v2 trains exactly as alpa_paper does: same seeds, same
+    predictions, so the paired difference is 0 with a [0, 0] interval and neither is 'worse'."""
+    config = load_config(study_dir / "tiny.toml")
+    record = {**read_record(study_dir / "best.json"), "params": dict(BASELINES["alpa_paper"])}
+    comparison = run_comparison(config, record, ["alpa", "alpa_paper"], 2, workers=1)
+    tuned, paper = comparison["results"]["alpa"], comparison["results"]["alpa_paper"]
+    assert [r["predictions"] for r in comparison["runs"] if r["loss"] == "alpa"] == \
+        [r["predictions"] for r in comparison["runs"] if r["loss"] == "alpa_paper"]
+    assert tuned["best"] and not paper["best"]  # ties go to the first label
+    assert paper["vs_best"] == {"difference": 0.0, "ci95": [0.0, 0.0]} and paper["distinguishable"] is False
+    assert comparison["verdict"].startswith("The data cannot rank the losses") and "worse" not in comparison["verdict"]
 
 
 def test_bad_best_json_is_refused_before_training(study_dir: Path, tmp_path: Path) -> None:

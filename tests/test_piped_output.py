@@ -89,4 +89,9 @@ def test_piped_compare_holds_every_label_and_number(ran: tuple[Path, str]) -> No
         numbers += [f"{v:.3f}" for v in run["f1"] if v is not None]
         for number in numbers:
             assert re.search(rf"\| (\*\*)?{re.escape(number)}(\*\*)? \|", out), (number, out)
+    for label, result in comparison["results"].items():  # the summary: every mean and interval whole
+        low, high = result["balanced_accuracy"]["ci95"]
+        interval = f"{result['balanced_accuracy']['mean'] * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}]"
+        assert any(line.startswith(f"| {label} |") and interval in line for line in lines), (interval, out)
+    assert comparison["verdict"] in lines, out
     assert "wrote cmp/tiny.csv, cmp/tiny.md, cmp/tiny.json" in out
