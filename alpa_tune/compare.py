@@ -46,7 +46,6 @@ BASELINES: dict[str, dict[str, Any]] = {
     "alpa_paper": {"alpha": 0.875, "beta": 1.625, "gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05},
 }
 _BUILD_NAME = {"alpa_paper": "alpa", "ldam_drw": "ldam"}
-_NEEDS_COUNTS = ("cb", "ldam")
 
 
 class CompareError(BadInput):
@@ -102,7 +101,7 @@ def check_best(record: dict[str, Any], fingerprint: str, class_names: list[str],
 
 def loss_entries(labels: list[str], record: dict[str, Any]) -> list[LossEntry]:
     """Labels -> what to build: the tuned loss from the record, baselines from BASELINES."""
-    from alpa_tune.losses import build_loss
+    from alpa_tune.losses import build_loss, needs_class_counts
 
     entries = []
     for label in labels:
@@ -110,7 +109,7 @@ def loss_entries(labels: list[str], record: dict[str, Any]) -> list[LossEntry]:
             entry = LossEntry(label, record["loss"], dict(record["params"]))
         else:
             entry = LossEntry(label, _BUILD_NAME.get(label, label), dict(BASELINES[label]))
-        probe = {"class_counts": [2, 1]} if entry.name in _NEEDS_COUNTS else {}
+        probe = {"class_counts": [2, 1]} if needs_class_counts(entry.name) else {}
         build_loss(entry.name, **entry.params, **probe)  # a bad parameter fails now, not in a worker
         entries.append(entry)
     return entries
@@ -266,7 +265,7 @@ def _init_worker(config_dict: dict[str, Any], threads: int, device: str, dataset
 
 
 def _train_one(job: Job) -> dict[str, Any]:
-    from alpa_tune.losses import build_loss
+    from alpa_tune.losses import build_loss, needs_class_counts
     from alpa_tune.training import NonFiniteLossError, split_holdout, train_and_evaluate
 
     config, dataset, device = _WORKER["config"], _WORKER["dataset"], _WORKER["device"]
@@ -274,7 +273,7 @@ def _train_one(job: Job) -> dict[str, Any]:
     entry = job.loss
 
     def factory(counts: np.ndarray):
-        extra = {"class_counts": [max(int(c), 1) for c in counts]} if entry.name in _NEEDS_COUNTS else {}
+        extra = {"class_counts": [max(int(c), 1) for c in counts]} if needs_class_counts(entry.name) else {}
         return build_loss(entry.name, **entry.params, **extra)
 
     started = time.perf_counter()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -108,6 +109,7 @@ class SpaceConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    loss: str = "alpa"  # a registered loss; its declared space is searched (checked by preflight)
     n_trials: int = 8
     sampler: Sampler = "tpe"
     pruner: Pruner = "median"
@@ -116,7 +118,13 @@ class SearchConfig:
     report: ReportMode = "fold"
     n_startup_trials: int = 4
     enqueue_paper_points: bool = True
-    space: SpaceConfig = field(default_factory=SpaceConfig)
+    # ALPA: the typed ranges below. Another loss: a table of its declared parameters, each
+    # [low, high] (narrows), a list (narrows a choice) or a value (fixes it).
+    space: SpaceConfig | dict[str, Any] = field(default_factory=SpaceConfig)
+
+    @property
+    def tunes_alpa(self) -> bool:
+        return self.loss == "alpa"
 
 
 @dataclass(frozen=True)
@@ -220,10 +228,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         hint = hints[f.name]
         key = f"{prefix}{f.name}"
+        if cls is SearchConfig and f.name == "space" and raw.get("loss", "alpa") != "alpa":
+            # Another loss's space: its keys are that loss's parameters, checked by preflight.
+            if not isinstance(raw["space"], dict):
+                raise ConfigError(f"{key}: expected a table, got {_describe(raw['space'])}")
+            values["space"] = dict(raw["space"])
+            continue
+        if (get_origin(hint) is Union or isinstance(hint, types.UnionType)) and \
+                any(dataclasses.is_dataclass(a) for a in get_args(hint)):  # ALPA's typed space
+            hint = next(a for a in get_args(hint) if dataclasses.is_dataclass(a))
         if dataclasses.is_dataclass(hint):
             values[f.name] = _build(hint, raw[f.name], prefix=f"{key}.")
         else:
             values[f.name] = _coerce(raw[f.name], hint, key)
+    if cls is SearchConfig and raw.get("loss", "alpa") != "alpa" and "space" not in values:
+        values["space"] = {}  # another loss without overrides: its whole declared space
     try:
         return cls(**values)
     except TypeError as exc:  # a required key (only `name`) is missing
@@ -336,10 +355,15 @@ def _validate(c: StudyConfig) -> None:
     s = c.search
     _at_least("search.n_trials", s.n_trials, 1)
     _at_least("search.n_startup_trials", s.n_startup_trials, 0)
+    if not s.loss or not all(ch.isalnum() or ch == "_" for ch in s.loss):
+        raise ConfigError(f"search.loss: {s.loss!r} is not a loss name (alpa, focal, asl, ...)")
     if not s.variants:
         raise ConfigError("search.variants: must name at least one of " + ", ".join(VARIANTS))
     if len(set(s.variants)) != len(s.variants):
         raise ConfigError(f"search.variants: {list(s.variants)} repeats a variant")
+    if not isinstance(s.space, SpaceConfig):
+        _validate_workers(c.workers)
+        return  # another loss's space: its keys are checked against the loss by preflight
     for name, (lo_limit, hi_limit) in SPACE_LIMITS.items():
         low, high = getattr(s.space, name)
         key = f"search.space.{name}"
@@ -351,8 +375,10 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"search.space.clip: must be in [0, 0.2], got {s.space.clip}")
     if s.space.hill_lambda <= 1:
         raise ConfigError(f"search.space.hill_lambda: must be > 1 so (lambda - p) stays positive, got {s.space.hill_lambda}")
+    _validate_workers(c.workers)
 
-    w = c.workers
+
+def _validate_workers(w: WorkersConfig) -> None:
     _at_least("workers.heartbeat_interval", w.heartbeat_interval, 1)
     if w.grace_period <= w.heartbeat_interval:
         raise ConfigError(

@@ -87,20 +87,24 @@ def study_note(config: StudyConfig) -> str:
     from alpa_tune.config import to_toml
 
     d, m, t, s = config.data, config.model, config.training, config.search
-    space = ", ".join(f"{name} in [{low:g}, {high:g}]" for name, (low, high) in
-                      (("alpha", s.space.alpha), ("beta", s.space.beta),
-                       ("gamma_pos", s.space.gamma_pos), ("gamma_neg", s.space.gamma_neg)))
+    if s.tunes_alpa:
+        space = ", ".join(f"{name} in [{low:g}, {high:g}]" for name, (low, high) in
+                          (("alpha", s.space.alpha), ("beta", s.space.beta),
+                           ("gamma_pos", s.space.gamma_pos), ("gamma_neg", s.space.gamma_neg)))
+        space += f"; clip {s.space.clip:g}, {s.space.focusing} focusing; variants {', '.join(s.variants)}"
+    else:
+        narrowed = ", ".join(f"{key} {value}" for key, value in s.space.items())
+        space = f"the declared space of {s.loss}" + (f", narrowed: {narrowed}" if narrowed else "")
     source = d.source + (f" ({d.path})" if d.path else "")
     return "\n".join([
-        f"## {config.name}: ALPA loss search",
+        f"## {config.name}: {'ALPA' if s.tunes_alpa else s.loss} loss search",
         "",
         f"- **Data**: {source}, {d.image_size} px; {t.holdout:.0%} held out (seed {t.seed}), never used here",
         f"- **Model**: {m.backbone}{' (pretrained)' if m.pretrained else ''}",
         f"- **Training**: {t.folds}-fold CV, {t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.lr:g}, "
         f"weight decay {t.weight_decay:g}",
-        f"- **Search**: {s.n_trials} trials, {s.sampler} sampler, {s.pruner} pruner (report per {s.report}), "
-        f"variants {', '.join(s.variants)}",
-        f"- **Space**: {space}; clip {s.space.clip:g}, {s.space.focusing} focusing",
+        f"- **Search**: {s.n_trials} trials, {s.sampler} sampler, {s.pruner} pruner (report per {s.report})",
+        f"- **Space**: {space}",
         "- **Value**: mean fold balanced accuracy (maximise). Trial user attributes hold per-fold "
         "balanced accuracy and macro F1, per-class recall and F1, epoch time, device and worker.",
         "",

@@ -42,7 +42,12 @@ def ranked_trials(study: optuna.Study, top: int = 1) -> list[FrozenTrial]:
 def trial_record(study: optuna.Study, trial: FrozenTrial, rank: int = 1) -> dict[str, Any]:
     """Everything needed to rebuild and trust the loss: params, value, metrics, provenance."""
     config = stored_config(study)
-    name, params = loss_spec(trial.params, config.search.space)
+    # The trial's own record of the loss it trained (every loss); older ALPA trials: their params.
+    recorded = trial.user_attrs.get("loss")
+    if isinstance(recorded, dict) and "name" in recorded and "params" in recorded:
+        name, params = recorded["name"], dict(recorded["params"])
+    else:
+        name, params = loss_spec(trial.params, config.search.space)
     return {
         "loss": name,
         "params": params,

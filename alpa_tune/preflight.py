@@ -12,16 +12,24 @@ from collections.abc import Callable
 
 from alpa_tune.config import ConfigError, StudyConfig
 from alpa_tune.data import ImageDataset, ProgressFn, available_sources, load_dataset
+from alpa_tune.losses import available_losses
 from alpa_tune.models import backbone_exists
+from alpa_tune.search import declared_space
 from alpa_tune.storage import check_free_space, journal_or_sqlite_path, open_storage, require_folder
 from alpa_tune.training import make_folds, split_holdout
 
 
 def check_registries(config: StudyConfig) -> None:
-    """Names the config can only hold as strings: the data source and the timm backbone."""
+    """Names the config can only hold as strings: the data source, the loss and its space's keys,
+    the timm backbone."""
     sources = available_sources()
     if config.data.source not in sources:
         raise ConfigError(f"data.source: {config.data.source!r} is not one of {', '.join(sources)}")
+    losses = available_losses()
+    if config.search.loss not in losses:
+        raise ConfigError(f"search.loss: {config.search.loss!r} is not one of {', '.join(losses)}")
+    if not config.search.tunes_alpa:
+        declared_space(config.search)  # every search.space key names a parameter the loss declares
     if not backbone_exists(config.model.backbone):
         raise ConfigError(f"model.backbone: {config.model.backbone!r} is not a timm model name "
                           "(see timm.list_models())")

@@ -18,9 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 from alpa_tune import __version__
 from alpa_tune.errors import BadInput
 from alpa_tune.files import write_atomically
-from alpa_tune.study import ranked_complete_trials
+from alpa_tune.study import param_names, ranked_complete_trials
 
-SLICE_PARAMS = ("alpha", "beta", "gamma_pos", "gamma_neg")
 # Below this, importance estimates are noise (with one trial optuna splits them evenly).
 MIN_IMPORTANCE_TRIALS = 5
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}  # no plotly.com link in the mode bar
@@ -44,8 +43,9 @@ def build_report(study: optuna.Study) -> str:
                  "(optuna.importance, PED-ANOVA).", lambda: _importances(study, len(complete)))
     page.section("Parallel coordinates", "Every completed trial as a line through its parameters and value.",
                  lambda: _optuna_plot("plot_parallel_coordinate", study, target_name="balanced accuracy"))
-    sliced = [p for p in SLICE_PARAMS if any(p in t.params for t in complete)]
-    page.section("Slice plots", "Balanced accuracy against each ALPA parameter.",
+    # Numeric parameters of whatever loss the study tunes (ALPA: alpha, beta, gamma_pos, gamma_neg).
+    sliced = [p for p in param_names(complete) if any(isinstance(t.params.get(p), float) for t in complete)]
+    page.section("Slice plots", "Balanced accuracy against each tuned parameter.",
                  lambda: _optuna_plot("plot_slice", study, params=sliced, target_name="balanced accuracy"))
     page.section("Trial states over time", "When each trial started and finished, coloured by its final state.",
                  lambda: _optuna_plot("plot_timeline", study))
@@ -191,7 +191,7 @@ def _header(study: optuna.Study, trials: list[FrozenTrial], complete: list[Froze
 
 def _top_trials(ranked_complete: list[FrozenTrial], limit: int = 10) -> str:
     ranked = ranked_complete[:limit]
-    names = [p for p in (*SLICE_PARAMS, "variant") if any(p in t.params for t in ranked)]
+    names = param_names(ranked)
 
     def shown(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)

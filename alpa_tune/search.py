@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from alpa_tune.config import SearchConfig, SpaceConfig, StudyConfig
+from alpa_tune.config import ConfigError, SearchConfig, SpaceConfig, StudyConfig
 
 # The paper's three settings (section 6.1): Loss v1, v2 (the reported ALPA) and v3 (Hill).
 PAPER_POINTS: tuple[dict[str, Any], ...] = (
@@ -36,8 +36,39 @@ def loss_spec(params: dict[str, Any], space: SpaceConfig) -> tuple[str, dict[str
     return "alpa", kwargs
 
 
+def declared_space(search: SearchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Another loss than ALPA: (its declared space narrowed by ``search.space``, the fixed kwargs).
+
+    Reads the loss registry (torch): only the trial and the preflight call it, never a read-only
+    command. A key the loss does not declare, or a range outside its declaration, is a ConfigError.
+    """
+    from alpa_tune.losses import loss_search_space
+    from alpa_tune.space import narrow
+
+    try:
+        return narrow(loss_search_space(search.loss), search.space)
+    except ValueError as exc:
+        raise ConfigError(f"search.space ({search.loss}): {exc}") from None
+
+
+def suggest_loss(trial: optuna.Trial, search: SearchConfig) -> tuple[str, dict[str, Any]]:
+    """Sample one loss setting: ``(loss name, build_loss kwargs)``. ALPA keeps its trial params
+    (alpha, beta, gamma_pos, gamma_neg, variant); another loss samples its declared space."""
+    if search.tunes_alpa:
+        return loss_spec(suggest(trial, search), search.space)
+    from alpa_tune.space import sample
+
+    space, fixed = declared_space(search)
+    return search.loss, {**fixed, **sample(trial, space)}
+
+
 def paper_points(search: SearchConfig) -> list[dict[str, Any]]:
-    """The paper's settings that lie inside the configured space and variants."""
+    """The paper's settings that lie inside the configured space and variants (another loss: its
+    paper's recommended points, when its space is not narrowed)."""
+    if not search.tunes_alpa:
+        from alpa_tune.losses import loss_paper_points
+
+        return loss_paper_points(search.loss) if not search.space else []
     inside = []
     for point in PAPER_POINTS:
         if point["variant"] not in search.variants:

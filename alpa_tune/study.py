@@ -192,3 +192,16 @@ def study_budget(study: optuna.Study, connection: Any = None) -> int:
     return int(stored) if stored is not None else stored_config(study).search.n_trials
 
 
+# ALPA's trial parameters first, in the paper's order; another loss's follow as first sampled.
+_ALPA_PARAM_ORDER = ("variant", "alpha", "beta", "gamma_pos", "gamma_neg")
+
+
+def param_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """The trial parameters the given trials hold (queued ones: their fixed params), for tables
+    that show any loss's search: ALPA's in the paper's order, then others as first seen."""
+    seen: dict[str, None] = {}
+    for trial in trials:
+        for name in trial.params or trial.system_attrs.get("fixed_params", {}):
+            seen.setdefault(name)
+    return [n for n in _ALPA_PARAM_ORDER if n in seen] + [n for n in seen if n not in _ALPA_PARAM_ORDER]
+

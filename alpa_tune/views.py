@@ -12,7 +12,7 @@ from rich.text import Text
 
 from alpa_tune.markdown import markdown_table
 from alpa_tune.storage import storage_errors
-from alpa_tune.study import finished, ranked_complete_trials, study_budget, trial_counts
+from alpa_tune.study import finished, param_names, ranked_complete_trials, study_budget, trial_counts
 
 
 def study_line(study: optuna.Study) -> str:
@@ -54,39 +54,54 @@ def workers_table(study: optuna.Study, slots: list) -> Table:
     return table
 
 
-TRIAL_COLUMNS = ("trial", "state", "value", "variant", "alpha", "beta", "gamma_pos", "gamma_neg", "worker", "note")
-
-
-def trial_rows(study: optuna.Study, limit: int = 20) -> list[list[str]]:
-    """The best ``limit`` trials, then their params and states: one string per TRIAL_COLUMNS, notes whole."""
+def trial_rows(study: optuna.Study, limit: int = 20) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): the best ``limit`` trials with their params (whatever loss the study tunes),
+    states, workers and notes, notes whole."""
     trials = study.get_trials(deepcopy=False)
     trials.sort(key=lambda t: (t.value is None, -(t.value or 0.0), t.number))
+    shown = trials[:limit]
+    names = param_names(shown)
     rows = []
-    for t in trials[:limit]:
+    for t in shown:
         # A queued trial keeps its params in "fixed_params" until a worker picks it up.
         p = t.params or t.system_attrs.get("fixed_params", {})
         rows.append([
-            str(t.number), t.state.name, "-" if t.value is None else f"{t.value:.4f}", str(p.get("variant", "-")),
-            *(f"{p[k]:.3f}" if k in p else "-" for k in ("alpha", "beta", "gamma_pos", "gamma_neg")),
+            str(t.number), t.state.name, "-" if t.value is None else f"{t.value:.4f}",
+            *(_param_text(p[k]) if k in p else "-" for k in names),
             str(t.user_attrs.get("worker", "-")), str(t.user_attrs.get("fail_reason", "")),
         ])
-    return rows
+    return ["trial", "state", "value", *names, "worker", "note"], rows
+
+
+def _param_text(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def trials_table(study: optuna.Study, limit: int = 20) -> Table:
     """:func:`trial_rows` for the terminal (a long note cut to keep the table on screen)."""
     table = Table(title=study_line(study), title_justify="left")
-    for column in TRIAL_COLUMNS:
+    header, rows = trial_rows(study, limit)
+    for column in header:
         table.add_column(column)
-    for row in trial_rows(study, limit):
+    for row in rows:
         table.add_row(*row[:-1], Text(row[-1][:60]))
     return table
 
 
 def trials_markdown(study: optuna.Study, limit: int = 20) -> str:
     """:func:`trial_rows` for a pipe or log: the progress line, then a Markdown table, nothing cut."""
-    right = [column in ("trial", "value", "alpha", "beta", "gamma_pos", "gamma_neg") for column in TRIAL_COLUMNS]
-    return f"{study_line(study)}\n\n{markdown_table(TRIAL_COLUMNS, trial_rows(study, limit), right)}"
+    header, rows = trial_rows(study, limit)
+    right = [column not in ("state", "worker", "note") and not all(not _is_number(r[k]) for r in rows)
+             for k, column in enumerate(header)]
+    return f"{study_line(study)}\n\n{markdown_table(header, rows, right)}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ProgressLines:

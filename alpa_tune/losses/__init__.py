@@ -24,6 +24,7 @@ from ._registry import (
     loss_paper_setting,
     loss_parameters,
     loss_search_space,
+    needs_class_counts,
     register_loss,
 )
 
@@ -35,5 +36,5 @@ __all__ = [
     "ALPALoss", "ASLLoss", "BCELoss", "CELoss", "ClassBalancedLoss", "FocalLoss", "LDAMLoss",
     "LossConfigError", "TunableLoss", "alias_params", "alpa_unfused", "available_losses", "build_loss",
     "compile_enabled", "effective_number_weights", "loss_kwargs", "loss_paper_points",
-    "loss_paper_setting", "loss_parameters", "loss_search_space", "register_loss",
+    "loss_paper_setting", "loss_parameters", "loss_search_space", "needs_class_counts", "register_loss",
 ]

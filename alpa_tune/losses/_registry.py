@@ -32,6 +32,11 @@ def loss_parameters(name: str) -> list[str]:
     return [p for p in cls.parameter_names() if p not in fixed]
 
 
+def needs_class_counts(name: str) -> bool:
+    """Whether the loss is built from the training class counts (class-balanced, LDAM)."""
+    return "class_counts" in loss_parameters(name)
+
+
 def alias_params(name: str) -> dict[str, Any]:
     """The parameters the name ``name`` fixes: an alias's (``alpa_hill``: variant hill), else {}."""
     return dict(_resolve(name)[1])
