@@ -174,43 +174,73 @@ def export(
 @app.command()
 def compare(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The study config the search ran with.")],
-    best: Annotated[Path, typer.Option("--best", help="The tuned loss: best.json (or a TOML/Python export).")],
-    losses: Annotated[str, typer.Option(help="Comma-separated: alpa (tuned, from --best) and baselines "
+    best: Annotated[Path | None, typer.Option("--best", help="Compare an exported tuned loss: best.json (or a "
+                                              "TOML/Python export) against --losses.")] = None,
+    losses: Annotated[str, typer.Option(help="With --best: comma-separated alpa (tuned, from --best) and baselines "
                                         "ce, bce, focal, asl, cb, ldam, ldam_drw, alpa_paper.")] = "ce,focal,asl,alpa",
+    tune: Annotated[str | None, typer.Option("--tune", help="A fair shootout: tune each of these losses (e.g. "
+                                             "ce,focal,asl,cb,ldam,alpa) in its own study NAME-LOSS with the same "
+                                             "budget, then compare the winners.")] = None,
+    trials: Annotated[int | None, typer.Option(help="With --tune: the trial budget of every study (default: "
+                                               "search.n_trials).", min=1)] = None,
+    paper_defaults: Annotated[bool, typer.Option("--paper-defaults", help="With --tune: add each loss at its "
+                                                 "paper's default setting, untuned (LOSS_paper).")] = False,
     seeds: Annotated[int, typer.Option(help="Trainings per loss (seeds training.seed, +1, ...).", min=1)] = 3,
     storage: StorageOpt = None,
     workers: Annotated[int | None, typer.Option(help="Parallel training processes (default: one per core, "
-                                                "or per GPU).", min=1)] = None,
+                                                "or per GPU); with --tune also the search's CPU workers.",
+                                                min=1)] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Prefix for PREFIX.csv, PREFIX.md and "
                                          "PREFIX.json.")] = Path("alpa-tune-out/compare"),
     set_: SetOpt = None,
 ) -> None:
-    """Train tuned ALPA and the baselines on the same 80 % and seeds; compare them on the held-out 20 %."""
+    """Compare losses on the held-out 20 %: a tuned export against baselines (--best), or every
+    loss tuned with the same budget (--tune); each trains on the same 80 % with the same seeds."""
     from rich.progress import Progress
 
-    from alpa_tune.compare import (
-        check_output,
-        find_study,
-        load_best,
-        parse_losses,
-        run_comparison,
-        store_comparison,
-        write_outputs,
-    )
-    from alpa_tune.compare_table import rich_summary, rich_table, title, to_markdown
+    from alpa_tune.compare import check_output, find_study, load_best, parse_losses, run_comparison, store_comparison
     from alpa_tune.config import load_config
+    from alpa_tune.errors import BadInput
 
+    if (best is None) == (tune is None):
+        raise BadInput("compare: give exactly one of --best FILE (an exported loss) or --tune LOSSES (a shootout)")
+    if tune is None and (trials is not None or paper_defaults):
+        raise BadInput("compare: --trials and --paper-defaults go with --tune")
     config = load_config(config_path, set_ or [])
-    labels = parse_losses(losses)
-    record = load_best(best)
     check_output(output)
     url = _url(storage)
-    study_name = record.get("study") or config.name
-    study = find_study(url, study_name)
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task(f"training {len(labels)} loss(es) x {seeds} seed(s)", total=len(labels) * seeds)
-        comparison = run_comparison(config, record, labels, seeds, workers=workers, best_path=best,
-                                    on_run=lambda run, done, total: progress.update(task, completed=done))
+
+    def progress_bar(total: int, what: str):
+        progress = Progress(console=err_console, transient=True)
+        task = progress.add_task(what, total=total)
+        return progress, lambda run, done, _total: progress.update(task, completed=done)
+
+    if tune is not None:
+        comparison, studies = _shootout(config, url, tune, trials, paper_defaults, seeds, workers, output,
+                                        progress_bar)
+    else:
+        labels = parse_losses(losses)
+        record = load_best(best)
+        study_name = record.get("study") or config.name
+        found = find_study(url, study_name)
+        studies = [found] if found is not None else []
+        progress, on_run = progress_bar(len(labels) * seeds, f"training {len(labels)} loss(es) x {seeds} seed(s)")
+        with progress:
+            comparison = run_comparison(config, record, labels, seeds, workers=workers, best_path=best, on_run=on_run)
+        if found is None:
+            console.print(f"study {study_name} not found in {_masked(url)}: comparison not stored there",
+                          markup=False, highlight=False)
+    _print_comparison(comparison, output)
+    for study in studies:
+        store_comparison(study, comparison)
+        console.print(f"stored in study {study.study_name} ({_masked(url)}); alpa-tune report shows it",
+                      markup=False, highlight=False)
+
+
+def _print_comparison(comparison: dict, output: Path) -> None:
+    from alpa_tune.compare import write_outputs
+    from alpa_tune.compare_table import rich_summary, rich_table, title, to_markdown
+
     if console.is_terminal:
         console.print(rich_table(comparison))
         summary = rich_summary(comparison)
@@ -220,13 +250,68 @@ def compare(
         console.print(f"{title(comparison)}\n\n{to_markdown(comparison)}", markup=False, highlight=False)
     paths = write_outputs(comparison, output)
     console.print("wrote " + ", ".join(map(str, paths)), markup=False, highlight=False)
-    if study is not None:
-        store_comparison(study, comparison)
-        console.print(f"stored in study {study_name} ({_masked(url)}); alpa-tune report shows it",
+
+
+def _shootout(config, url: str, tune: str, trials: int | None, paper_defaults: bool, seeds: int,
+              workers: int | None, output: Path, progress_bar) -> tuple[dict, list]:
+    """Every loss in ``tune`` tuned in its own study with the same budget (finished ones are not
+    run again), then their winners (and paper defaults) on the held-out split (stored runs reused)."""
+    from alpa_tune.compare import run_entries
+    from alpa_tune.data import load_dataset
+    from alpa_tune.preflight import check_registries, check_storage
+    from alpa_tune.shootout import paper_entry, store_run, stored_runs, study_config, tuned_losses, winner
+    from alpa_tune.study import budget_met, check_existing_study, create_study, load_study
+
+    names = tuned_losses(tune)
+    budget = trials or config.search.n_trials
+    configs = {loss: study_config(config, loss, budget) for loss in names}
+    check_registries(config)
+    check_storage(url)
+    for loss_config in configs.values():  # every study's drift and budget, before any work
+        check_registries(loss_config)
+        check_existing_study(loss_config, url, loss_config.search.n_trials)
+    _prepare_data(config)
+    gpu_list = _gpus(None)
+    for loss, loss_config in configs.items():
+        study = create_study(loss_config, url, budget=loss_config.search.n_trials)
+        if budget_met(study):
+            console.print(f"study {loss_config.name}: budget of {loss_config.search.n_trials} met", markup=False,
+                          highlight=False)
+            continue
+        console.print(f"study {loss_config.name}: tuning {loss} ({loss_config.search.n_trials} trials)",
                       markup=False, highlight=False)
-    else:
-        console.print(f"study {study_name} not found in {_masked(url)}: comparison not stored there",
-                      markup=False, highlight=False)
+        code = _launch(loss_config.name, url, gpu_list, 1, workers or 2, [], output.parent)
+        if code != 0:
+            raise typer.Exit(code)
+    studies = {loss: load_study(configs[loss].name, url) for loss in names}
+    entries, owner = [], {}
+    for loss in names:
+        entries.append(winner(studies[loss], loss))
+        owner[loss] = studies[loss]
+        paper = paper_entry(loss) if paper_defaults else None
+        if paper is not None:
+            entries.append(paper)
+            owner[paper.label] = studies[loss]
+    dataset = load_dataset(config.data)
+    seed_list = [config.training.seed + k for k in range(seeds)]
+    done = stored_runs(owner, entries, seed_list, config, dataset.fingerprint)
+    by_label = {entry.label: entry for entry in entries}
+    left = len(entries) * seeds - len(done)
+    if done:
+        console.print(f"held-out: {len(done)} training(s) reused from the studies, {left} to run", markup=False,
+                      highlight=False)
+    progress, on_run = progress_bar(left, f"held-out: {len(entries)} loss(es) x {seeds} seed(s)")
+
+    def keep(run: dict, finished: int, total: int) -> None:
+        store_run(owner[run["loss"]], by_label[run["loss"]], run, config, dataset.fingerprint)
+        on_run(run, finished, total)
+
+    with progress:
+        comparison = run_entries(config, entries, seeds, dataset=dataset, workers=workers, on_run=keep, done=done)
+    comparison["study"] = f"{config.name} shootout"
+    comparison["studies"] = {loss: configs[loss].name for loss in names}
+    comparison["trials"] = {loss: configs[loss].search.n_trials for loss in names}
+    return comparison, list(studies.values())
 
 
 @app.command()

@@ -57,6 +57,8 @@ class LossEntry:
     label: str  # column name: "alpa" (tuned), "ce", ...
     name: str  # build_loss name
     params: dict[str, Any]
+    tuned: bool = False  # the winner of a search (best.json's, or a shootout study's best trial)
+    study: str | None = None  # the study that tuned it
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,18 @@ class Job:
 
 def parse_losses(text: str) -> list[str]:
     """``ce,focal,asl,alpa`` -> labels, checked against the known ones (order kept, no repeats)."""
-    labels = [part.strip().lower() for part in text.split(",") if part.strip()]
-    known = [TUNED, *BASELINES]
-    unknown = [label for label in labels if label not in known]
-    if not labels or unknown:
-        raise CompareError(f"--losses: {', '.join(map(repr, unknown)) or 'empty'}: choose from {', '.join(known)}")
-    if len(set(labels)) != len(labels):
-        raise CompareError(f"--losses: {text!r} names a loss twice")
-    return labels
+    return parse_names(text, [TUNED, *BASELINES], "--losses")
+
+
+def parse_names(text: str, known: list[str], flag: str) -> list[str]:
+    """A comma-separated list of names from ``known`` (order kept, no repeats), or one CompareError line."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise CompareError(f"{flag}: {', '.join(map(repr, unknown)) or 'empty'}: choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise CompareError(f"{flag}: {text!r} names a loss twice")
+    return names
 
 
 def load_best(path: str | Path) -> dict[str, Any]:
@@ -106,7 +112,8 @@ def loss_entries(labels: list[str], record: dict[str, Any]) -> list[LossEntry]:
     entries = []
     for label in labels:
         if label == TUNED:
-            entry = LossEntry(label, record["loss"], dict(record["params"]))
+            params = {k: v for k, v in record["params"].items() if k != "class_counts"}  # each run's own
+            entry = LossEntry(label, record["loss"], params, tuned=True, study=record.get("study"))
         else:
             entry = LossEntry(label, _BUILD_NAME.get(label, label), dict(BASELINES[label]))
         probe = {"class_counts": [2, 1]} if needs_class_counts(entry.name) else {}
@@ -130,35 +137,62 @@ def plan_workers(n_jobs: int, requested: int | None, device: str) -> tuple[int, 
 def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str], seeds: int, *,
                    workers: int | None = None, best_path: str | Path = "best.json",
                    on_run: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, Any]:
-    """Train every loss with every seed on the development split, score each on the hold-out.
+    """``--best``: the tuned loss of an export against the baselines at their papers' settings.
 
     ``on_run(run, done, total)`` is called as each training finishes (any order).
+    """
+    from alpa_tune.data import load_dataset
+
+    if seeds < 1:
+        raise CompareError(f"--seeds: must be >= 1, got {seeds}")
+    dataset = load_dataset(config.data)
+    check_best(record, dataset.fingerprint, dataset.class_names, best_path)
+    comparison = run_entries(config, loss_entries(labels, record), seeds, dataset=dataset, workers=workers,
+                             on_run=on_run)
+    comparison.update(study=record.get("study") or config.name, tuned_trial=record.get("trial"),
+                      tuned_value=record.get("value"))
+    return comparison
+
+
+def run_entries(config: StudyConfig, entries: list[LossEntry], seeds: int, *, dataset: Any = None,
+                workers: int | None = None, on_run: Callable[[dict[str, Any], int, int], None] | None = None,
+                done: dict[tuple[str, int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train every entry with every seed on the development split, score each on the hold-out.
+
+    ``done`` holds runs already trained (a resumed shootout, keyed by label and seed): they are
+    taken as they are and not trained again; ``on_run`` sees only the new ones.
     """
     from alpa_tune.data import load_dataset
     from alpa_tune.training import split_holdout
 
     if seeds < 1:
         raise CompareError(f"--seeds: must be >= 1, got {seeds}")
-    dataset = load_dataset(config.data)
-    check_best(record, dataset.fingerprint, dataset.class_names, best_path)
-    entries = loss_entries(labels, record)
+    dataset = dataset if dataset is not None else load_dataset(config.data)
     dev, held = split_holdout(dataset, config.training.holdout, config.training.seed)
     seed_list = [config.training.seed + k for k in range(seeds)]
-    jobs = [Job(entry, seed) for seed in seed_list for entry in entries]
-    n_workers, devices = plan_workers(len(jobs), workers, config.training.device)
+    done = done or {}
+    runs: list[dict[str, Any]] = [done[(e.label, seed)] for seed in seed_list for e in entries if (e.label, seed) in done]
+    jobs = [Job(entry, seed) for seed in seed_list for entry in entries if (entry.label, seed) not in done]
+    n_workers, devices = plan_workers(max(len(jobs), 1), workers, config.training.device)
     threads = config.training.threads or max(1, (os.cpu_count() or 1) // n_workers)
 
-    runs: list[dict[str, Any]] = []
-    if n_workers == 1:
+    new_runs: list[dict[str, Any]] = []
+
+    def finished(run: dict[str, Any]) -> None:
+        new_runs.append(run)
+        if on_run:
+            on_run(run, len(new_runs), len(jobs))
+
+    if not jobs:
+        pass
+    elif n_workers == 1:
         import torch
 
         before = torch.get_num_threads()
         _init_worker(config.to_dict(), threads, devices[0], dataset)
         try:
             for job in jobs:
-                runs.append(_train_one(job))
-                if on_run:
-                    on_run(runs[-1], len(runs), len(jobs))
+                finished(_train_one(job))
         finally:
             torch.set_num_threads(before)  # in-process: leave the caller's setting as it was
             _WORKER.clear()
@@ -174,37 +208,36 @@ def run_comparison(config: StudyConfig, record: dict[str, Any], labels: list[str
             futures = [pool.submit(_train_one, job) for job in jobs]
             try:
                 for future in as_completed(futures):
-                    runs.append(future.result())
-                    if on_run:
-                        on_run(runs[-1], len(runs), len(jobs))
+                    finished(future.result())
             except BaseException:  # a failure or Ctrl-C: do not start the queued trainings
                 for future in futures:
                     future.cancel()
                 raise
-    order = {(job.loss.label, job.seed): k for k, job in enumerate(jobs)}
+    runs += new_runs
+    order = {(entry.label, seed): k for k, (seed, entry) in
+             enumerate((seed, entry) for seed in seed_list for entry in entries)}
     runs.sort(key=lambda run: order[(run["loss"], run["seed"])])
-    results, verdict_line = held_out_statistics(entries, runs, dataset.labels[held],
-                                                study=record.get("study") or config.name)
+    results, verdict_line = held_out_statistics(entries, runs, dataset.labels[held])
     return {
         "format": 2,
         "results": results,
         "verdict": verdict_line,
         "statistics": STATISTICS,
-        "study": record.get("study") or config.name,
-        "tuned_trial": record.get("trial"),
-        "tuned_value": record.get("value"),
+        "study": config.name,
         "dataset_fingerprint": dataset.fingerprint,
         "class_names": list(dataset.class_names),
         "train_counts": np.bincount(dataset.labels[dev], minlength=dataset.num_classes).tolist(),
         "test_counts": np.bincount(dataset.labels[held], minlength=dataset.num_classes).tolist(),
-        "losses": [{"label": e.label, "loss": e.name, "params": e.params} for e in entries],
+        "losses": [{"label": e.label, "loss": e.name, "params": e.params, "tuned": e.tuned, "study": e.study}
+                   for e in entries],
         "seeds": seed_list,
         "runs": runs,
+        "reused_runs": len(runs) - len(new_runs),
         "training": {k: v for k, v in config.to_dict()["training"].items()
                      if k in ("epochs", "batch_size", "lr", "weight_decay", "holdout", "seed", "optimizer",
                               "scheduler", "warmup_epochs")},  # ldam_drw's result depends on the schedule
         "model": config.model.backbone,
-        "workers": n_workers,
+        "workers": n_workers if jobs else 0,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -213,8 +246,8 @@ STATISTICS = ("paired, stratified, two-level bootstrap (alpa_tune.stats): 2000 r
               "and, within each class, the held-out images, the same draws for every loss; 95 % percentile intervals")
 
 
-def held_out_statistics(entries: list[LossEntry], runs: list[dict[str, Any]], targets: np.ndarray, *,
-                        study: str | None) -> tuple[dict[str, dict[str, Any]], str]:
+def held_out_statistics(entries: list[LossEntry], runs: list[dict[str, Any]],
+                        targets: np.ndarray) -> tuple[dict[str, dict[str, Any]], str]:
     """Per label: ``tuned``, ``study``, ``params``, ``balanced_accuracy`` {mean, ci95} and ``vs_best``
     {difference, ci95}, ``best``, ``distinguishable``; and the one-line verdict. A loss that
     diverged on some seed has no paired runs: it gets nulls and is named in the verdict."""
@@ -228,8 +261,8 @@ def held_out_statistics(entries: list[LossEntry], runs: list[dict[str, Any]], ta
     for entry in entries:
         s = stats.get(entry.label)
         results[entry.label] = {
-            "tuned": entry.label == TUNED,
-            "study": study if entry.label == TUNED else None,
+            "tuned": entry.tuned,
+            "study": entry.study,
             "loss": entry.name,
             "params": entry.params,
             "balanced_accuracy": None if s is None else {"mean": s.mean, "ci95": list(s.ci95)},
@@ -277,7 +310,8 @@ def _train_one(job: Job) -> dict[str, Any]:
         return build_loss(entry.name, **entry.params, **extra)
 
     started = time.perf_counter()
-    run: dict[str, Any] = {"loss": entry.label, "seed": job.seed, "device": str(device)}
+    run: dict[str, Any] = {"loss": entry.label, "seed": job.seed, "device": str(device),
+                           "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")}
     try:
         result = train_and_evaluate(config, dataset, dev, held, factory, seed=job.seed, device=device)
     except NonFiniteLossError as exc:  # one diverging baseline must not sink the whole table
