@@ -257,7 +257,6 @@ def _shootout(config, url: str, tune: str, trials: int | None, paper_defaults: b
     """Every loss in ``tune`` tuned in its own study with the same budget (finished ones are not
     run again), then their winners (and paper defaults) on the held-out split (stored runs reused)."""
     from alpa_tune.compare import run_entries
-    from alpa_tune.data import load_dataset
     from alpa_tune.preflight import check_registries, check_storage
     from alpa_tune.shootout import paper_entry, store_run, stored_runs, study_config, tuned_losses, winner
     from alpa_tune.study import budget_met, check_existing_study, create_study, load_study
@@ -270,7 +269,7 @@ def _shootout(config, url: str, tune: str, trials: int | None, paper_defaults: b
     for loss_config in configs.values():  # every study's drift and budget, before any work
         check_registries(loss_config)
         check_existing_study(loss_config, url, loss_config.search.n_trials)
-    _prepare_data(config)
+    dataset = _prepare_data(config)
     gpu_list = _gpus(None)
     for loss, loss_config in configs.items():
         study = create_study(loss_config, url, budget=loss_config.search.n_trials)
@@ -292,7 +291,6 @@ def _shootout(config, url: str, tune: str, trials: int | None, paper_defaults: b
         if paper is not None:
             entries.append(paper)
             owner[paper.label] = studies[loss]
-    dataset = load_dataset(config.data)
     seed_list = [config.training.seed + k for k in range(seeds)]
     done = stored_runs(owner, entries, seed_list, config, dataset.fingerprint)
     by_label = {entry.label: entry for entry in entries}
@@ -459,7 +457,7 @@ def _finish(study_name: str, url: str, best_path: Path) -> None:
     console.print(f"best trial {record['trial']}: balanced accuracy {record['value']:.4f}\n  {params}\nwrote {best_path}")
 
 
-def _prepare_data(config) -> None:
+def _prepare_data(config):
     """The data loaded once, with a progress bar, before any worker starts (preflight.prepare)."""
     from rich.progress import Progress
 
@@ -467,8 +465,8 @@ def _prepare_data(config) -> None:
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"preparing {config.data.source} data", total=None)
-        prepare(config, progress=lambda done, total: progress.update(task, completed=done, total=total),
-                announce=lambda line: console.print(line, markup=False, highlight=False))
+        return prepare(config, progress=lambda done, total: progress.update(task, completed=done, total=total),
+                       announce=lambda line: console.print(line, markup=False, highlight=False))
 
 
 def _gpus(text: str | None) -> list[int]:

@@ -67,6 +67,11 @@ class Job:
     seed: int
 
 
+def without_class_counts(params: dict[str, Any]) -> dict[str, Any]:
+    """A loss setting to train on a split: each run builds with that split's own class counts."""
+    return {k: v for k, v in params.items() if k != "class_counts"}
+
+
 def parse_losses(text: str) -> list[str]:
     """``ce,focal,asl,alpa`` -> labels, checked against the known ones (order kept, no repeats)."""
     return parse_names(text, [TUNED, *BASELINES], "--losses")
@@ -107,17 +112,16 @@ def check_best(record: dict[str, Any], fingerprint: str, class_names: list[str],
 
 def loss_entries(labels: list[str], record: dict[str, Any]) -> list[LossEntry]:
     """Labels -> what to build: the tuned loss from the record, baselines from BASELINES."""
-    from alpa_tune.losses import build_loss, needs_class_counts
+    from alpa_tune.losses import build_for_counts
 
     entries = []
     for label in labels:
         if label == TUNED:
-            params = {k: v for k, v in record["params"].items() if k != "class_counts"}  # each run's own
-            entry = LossEntry(label, record["loss"], params, tuned=True, study=record.get("study"))
+            entry = LossEntry(label, record["loss"], without_class_counts(record["params"]), tuned=True,
+                              study=record.get("study"))
         else:
             entry = LossEntry(label, _BUILD_NAME.get(label, label), dict(BASELINES[label]))
-        probe = {"class_counts": [2, 1]} if needs_class_counts(entry.name) else {}
-        build_loss(entry.name, **entry.params, **probe)  # a bad parameter fails now, not in a worker
+        build_for_counts(entry.name, entry.params, [2, 1])  # a bad parameter fails now, not in a worker
         entries.append(entry)
     return entries
 
@@ -298,7 +302,7 @@ def _init_worker(config_dict: dict[str, Any], threads: int, device: str, dataset
 
 
 def _train_one(job: Job) -> dict[str, Any]:
-    from alpa_tune.losses import build_loss, needs_class_counts
+    from alpa_tune.losses import build_for_counts
     from alpa_tune.training import NonFiniteLossError, split_holdout, train_and_evaluate
 
     config, dataset, device = _WORKER["config"], _WORKER["dataset"], _WORKER["device"]
@@ -306,8 +310,7 @@ def _train_one(job: Job) -> dict[str, Any]:
     entry = job.loss
 
     def factory(counts: np.ndarray):
-        extra = {"class_counts": [max(int(c), 1) for c in counts]} if needs_class_counts(entry.name) else {}
-        return build_loss(entry.name, **entry.params, **extra)
+        return build_for_counts(entry.name, entry.params, counts)
 
     started = time.perf_counter()
     run: dict[str, Any] = {"loss": entry.label, "seed": job.seed, "device": str(device),

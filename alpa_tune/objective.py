@@ -35,9 +35,10 @@ class Objective:
 
     def __init__(self, config: StudyConfig, dataset: ImageDataset, *, device: Any = None,
                  stop_event: threading.Event | None = None) -> None:
-        from alpa_tune.losses import build_loss, needs_class_counts
+        from alpa_tune.losses import build_for_counts, class_counts_for, needs_class_counts
 
-        self._build_loss = build_loss
+        self._build_for_counts = build_for_counts
+        self._class_counts_for = class_counts_for
         self._needs_class_counts = needs_class_counts
         self.config = config
         self.dataset = dataset
@@ -50,15 +51,12 @@ class Objective:
         name, kwargs = suggest_loss(trial, config.search)
         if os.environ.get("SLURM_ARRAY_TASK_ID"):  # which array task ran it, as squeue and scancel name it
             trial.set_user_attr("slurm_task", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
-        needs_counts = self._needs_class_counts(name)
         recorded = dict(kwargs)
-        if needs_counts:  # the export's loss is built for the development split; each fold uses its own
+        if self._needs_class_counts(name):  # the export's loss is built for the development split; each fold uses its own
             dev, _ = split_holdout(self.dataset, config.training.holdout, config.training.seed)
-            recorded["class_counts"] = _counts(self.dataset.labels[dev], self.dataset.num_classes)
+            counts = np.bincount(self.dataset.labels[dev], minlength=self.dataset.num_classes)
+            recorded["class_counts"] = self._class_counts_for(counts)
         trial.set_user_attr("loss", {"name": name, "params": recorded})
-
-        def build(counts: np.ndarray) -> Any:
-            return self._build_loss(name, **kwargs, **({"class_counts": _counts_of(counts)} if needs_counts else {}))
 
         by_epoch = config.search.report == "epoch"
         wilcoxon = config.search.pruner == "wilcoxon"
@@ -83,7 +81,7 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned after fold {result.fold}")
 
         try:
-            result = cross_validate(config, self.dataset, build,
+            result = cross_validate(config, self.dataset, lambda counts: self._build_for_counts(name, kwargs, counts),
                                     on_epoch=on_epoch, on_fold=on_fold, evaluate_each_epoch=by_epoch,
                                     device=self.device)
         except (optuna.TrialPruned, StorageLost, DiskFullError, TrialTakenOver):
@@ -123,11 +121,3 @@ def _mean_per_class(rows: list[list[float]]) -> list[float | None]:
     counts = seen.sum(axis=0)
     return [round(float(s / n), 6) if n else None for s, n in zip(sums, counts)]
 
-
-def _counts(labels: np.ndarray, num_classes: int) -> list[int]:
-    return _counts_of(np.bincount(labels, minlength=num_classes))
-
-
-def _counts_of(counts: np.ndarray) -> list[int]:
-    """Training samples per class; a class absent from a fold counts 1 (the losses need n > 0)."""
-    return [max(int(c), 1) for c in counts]

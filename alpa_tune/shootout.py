@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from alpa_tune.compare import CompareError, LossEntry, parse_names
+from alpa_tune.compare import CompareError, LossEntry, parse_names, without_class_counts
 from alpa_tune.config import StudyConfig
 from alpa_tune.search import declared_space
 from alpa_tune.study import ranked_complete_trials
@@ -51,8 +51,8 @@ def winner(study: optuna.Study, label: str) -> LossEntry:
     if not ranked:
         raise CompareError(f"study {study.study_name!r} has no completed trial: nothing to compare")
     recorded = ranked[0].user_attrs["loss"]
-    params = {k: v for k, v in recorded["params"].items() if k != "class_counts"}  # each run's own counts
-    return LossEntry(label, recorded["name"], params, tuned=True, study=study.study_name)
+    return LossEntry(label, recorded["name"], without_class_counts(recorded["params"]), tuned=True,
+                     study=study.study_name)
 
 
 def paper_entry(loss: str) -> LossEntry | None:
@@ -61,8 +61,7 @@ def paper_entry(loss: str) -> LossEntry | None:
 
     if not loss_search_space(loss):
         return None
-    params = {k: v for k, v in loss_paper_setting(loss).items() if k != "class_counts"}
-    return LossEntry(f"{loss}_paper", loss, params)
+    return LossEntry(f"{loss}_paper", loss, without_class_counts(loss_paper_setting(loss)))
 
 
 def run_key(entry: LossEntry, seed: int, config: StudyConfig, fingerprint: str) -> str:

@@ -18,7 +18,9 @@ from ._baselines import ASLLoss, BCELoss, CELoss, ClassBalancedLoss, FocalLoss, 
 from ._registry import (
     alias_params,
     available_losses,
+    build_for_counts,
     build_loss,
+    class_counts_for,
     loss_kwargs,
     loss_paper_points,
     loss_paper_setting,
@@ -34,7 +36,7 @@ del _cls
 
 __all__ = [
     "ALPALoss", "ASLLoss", "BCELoss", "CELoss", "ClassBalancedLoss", "FocalLoss", "LDAMLoss",
-    "LossConfigError", "TunableLoss", "alias_params", "alpa_unfused", "available_losses", "build_loss",
+    "LossConfigError", "TunableLoss", "alias_params", "alpa_unfused", "available_losses", "build_for_counts", "build_loss", "class_counts_for",
     "compile_enabled", "effective_number_weights", "loss_kwargs", "loss_paper_points",
     "loss_paper_setting", "loss_parameters", "loss_search_space", "needs_class_counts", "register_loss",
 ]

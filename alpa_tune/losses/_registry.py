@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from alpa_tune.space import Param, decode_trial_params
@@ -35,6 +36,20 @@ def loss_parameters(name: str) -> list[str]:
 def needs_class_counts(name: str) -> bool:
     """Whether the loss is built from the training class counts (class-balanced, LDAM)."""
     return "class_counts" in loss_parameters(name)
+
+
+def build_for_counts(name: str, params: dict[str, Any], counts: Sequence[int]) -> TunableLoss:
+    """Build ``name`` for a training set with ``counts`` samples per class: losses that need them
+    (class-balanced, LDAM) get them as ``class_counts`` (:func:`class_counts_for`), replacing any
+    in ``params``; the others ignore them."""
+    if not needs_class_counts(name):
+        return build_loss(name, **params)
+    return build_loss(name, **{**params, "class_counts": class_counts_for(counts)})
+
+
+def class_counts_for(counts: Sequence[int]) -> list[int]:
+    """Samples per class as the count-based losses take them: an absent class counts 1 (n > 0)."""
+    return [max(int(c), 1) for c in counts]
 
 
 def alias_params(name: str) -> dict[str, Any]:
