@@ -1,3 +1,3 @@
-from alpa_tune.cli import main
+from alpa_tune.entry import main
 
 main()

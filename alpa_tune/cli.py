@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.live import Live
 
 from alpa_tune import __version__
+from alpa_tune.entry import fail, list_studies, run_reporting_errors, show_study
+from alpa_tune.entry import storage_url as _url
 
 app = typer.Typer(
     help="Tune the ALPA loss (Asymmetric Loss with Padé Approximation) with Optuna: "
@@ -47,14 +49,6 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set training.folds=3 (value parsed as TOML; repeatable)."),
 ]
-
-
-def _url(storage: str | None) -> str:
-    from alpa_tune.storage import resolve_url, scheme_of
-
-    url = resolve_url(storage)
-    scheme_of(url)  # refuse an unknown scheme before anything starts
-    return url
 
 
 @app.command()
@@ -361,34 +355,14 @@ def study_create(
 @study_app.command("list")
 def study_list(storage: StorageOpt = None) -> None:
     """List the studies in the storage with their progress."""
-    import optuna
-
-    from alpa_tune.storage import open_storage
-    from alpa_tune.views import study_line
-
-    url = _url(storage)
-    backend = open_storage(url, read_only=True)
-    summaries = optuna.get_all_study_summaries(backend, include_best_trial=False)
-    if not summaries:
-        console.print(f"no studies in {_masked(url)}")
-    for summary in summaries:
-        console.print(study_line(optuna.load_study(study_name=summary.study_name, storage=backend)))
+    list_studies(_url(storage), print)
 
 
 @study_app.command("show")
 def study_show(study_name: Annotated[str, typer.Argument(metavar="STUDY_NAME")], storage: StorageOpt = None,
                limit: Annotated[int, typer.Option(help="Rows to show.", min=1)] = 20) -> None:
     """Show a study's progress and its best trials."""
-    from alpa_tune.study import load_study
-    from alpa_tune.views import trials_markdown, trials_table
-
-    url = _url(storage)
-    console.print(f"storage: {_masked(url)}", markup=False, highlight=False)
-    study = load_study(study_name, url, read_only=True)
-    if console.is_terminal:
-        console.print(trials_table(study, limit))
-    else:
-        console.print(trials_markdown(study, limit), markup=False, highlight=False)
+    show_study(study_name, _url(storage), limit, print)
 
 
 @study_app.command("delete")
@@ -509,7 +483,7 @@ def _masked(url: str) -> str:
 
 
 def main() -> None:
-    """Console entry point: user errors become one masked line and exit code 2.
+    """The Typer app behind :func:`alpa_tune.entry.main`: user errors become one masked line and exit 2.
 
     A usage error (unknown option, missing argument) is one ``error:`` line plus a hint, not
     Click's boxed panel. A full disk exits 5, a storage gone past its patience exits 4.
@@ -519,32 +493,16 @@ def main() -> None:
     except ImportError:  # pragma: no cover - an older Typer on plain Click
         from click import exceptions as click
 
-    from alpa_tune.errors import EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_STORAGE_LOST, BadInput
-    from alpa_tune.storage import StorageLost, mask_text, quiet_optuna
-    from alpa_tune.units import DiskFull
+    def invoke() -> int | None:
+        try:
+            return app(standalone_mode=False, prog_name="alpa-tune")
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "alpa-tune"
+            fail(exc.format_message(), 2, f"hint: {command} --help")
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except typer.Abort:
+            err_console.print("aborted")
+            sys.exit(1)
 
-    quiet_optuna()
-
-    def fail(message: str, code: int, hint: str | None = None) -> None:
-        err_console.print(f"error: {mask_text(message)}", markup=False, highlight=False, soft_wrap=True)
-        if hint:
-            err_console.print(hint, markup=False, highlight=False, soft_wrap=True)
-        sys.exit(code)
-
-    try:
-        code = app(standalone_mode=False, prog_name="alpa-tune")
-    except click.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx is not None else "alpa-tune"
-        fail(exc.format_message(), 2, f"hint: {command} --help")
-    except click.ClickException as exc:
-        fail(exc.format_message(), exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
-    except DiskFull as exc:  # the storage's, the cache's or the output folder's
-        fail(str(exc), EXIT_DISK_FULL)
-    except StorageLost as exc:
-        fail(str(exc), EXIT_STORAGE_LOST)
-    except BadInput as exc:
-        fail(str(exc), EXIT_BAD_INPUT)
-    sys.exit(code if isinstance(code, int) else 0)
+    run_reporting_errors(invoke)

@@ -1,7 +1,8 @@
 """What a user did wrong, and the exit codes every process of alpa-tune shares.
 
 Every error a user can fix (config, path, URL, data file, study name, flag) derives from
-:class:`BadInput`; the CLI maps it, in one place, to one ``error:`` line and exit code 2.
+:class:`BadInput`; the console entry (``entry.py``) maps it, in one place, to one ``error:``
+line and exit code 2.
 A leaf module: stdlib only, so any module (the loss library included) may raise it.
 """
 

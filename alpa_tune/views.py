@@ -4,15 +4,17 @@ terminal, Markdown and plain lines for a pipe or log, both from the same rows.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
-from rich.table import Table
-from rich.text import Text
 
 from alpa_tune.markdown import markdown_table
 from alpa_tune.storage import storage_errors
 from alpa_tune.study import finished, param_names, ranked_complete_trials, study_budget, trial_counts
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def study_line(study: optuna.Study) -> str:
@@ -37,6 +39,7 @@ def workers_table(study: optuna.Study, slots: list) -> Table:
 
     While the storage is unreachable the title says so and the rows show the processes only.
     """
+    from rich.table import Table  # here, not at the top: a piped `study show` never needs rich
     try:
         running = {t.user_attrs.get("worker", ""): t
                    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -79,6 +82,9 @@ def _param_text(value: object) -> str:
 
 def trials_table(study: optuna.Study, limit: int = 20) -> Table:
     """:func:`trial_rows` for the terminal (a long note cut to keep the table on screen)."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=study_line(study), title_justify="left")
     header, rows = trial_rows(study, limit)
     for column in header:

@@ -139,3 +139,47 @@ def test_load_loss_needs_only_torch(tmp_path: Path) -> None:
                          "assert type(loss).__name__ == 'ALPALoss'")
     assert "torch" in imported
     assert not imported & {"optuna", "sqlalchemy", "sklearn"}, sorted(imported & {"optuna", "sqlalchemy", "sklearn"})
+
+
+@pytest.mark.parametrize("command", [["study", "list"], ["study", "show", "tiny", "--limit", "1"]])
+def test_study_list_and_show_skip_typer_and_pydantic(finished_study: str, tmp_path: Path,
+                                                     command: list[str]) -> None:
+    """The two commands typed most often to watch a study take the entry's narrow door; `--help`
+    still reaches the Typer app."""
+    def imported(*args: str) -> tuple[set[str], str]:
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "alpa_tune", *args],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines()
+                if line.startswith("import time:")}, run.stdout
+
+    door, stdout = imported(*command, f"--storage={finished_study}")
+    assert "tiny" in stdout and "optuna" in door
+    assert not door & {"typer", "pydantic", "rich"}, sorted(door & {"typer", "pydantic", "rich"})
+    helped, stdout = imported(*command, "--help")
+    assert "Usage" in stdout and "typer" in helped
+
+
+@pytest.mark.parametrize("args", [
+    ["study", "list"],
+    ["study", "show", "tiny", "--limit", "1"],
+    ["study", "show", "nope"],
+    ["study", "show", "tiny", "--limit", "0"],
+    ["study", "list", "--storage", "redis://localhost/0"],
+    ["study", "list", "--storage", "postgresql://alice:s3cret@127.0.0.1:1/db"],
+])
+def test_the_narrow_door_and_the_typer_app_say_the_same(finished_study: str, tmp_path: Path,
+                                                        args: list[str]) -> None:
+    """Same stdout, stderr and exit code whichever door a read-only command takes."""
+    if "--storage" not in args:
+        args = [*args, "--storage", finished_study]
+    door = subprocess.run([sys.executable, "-m", "alpa_tune", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    app = subprocess.run([sys.executable, "-c", "from alpa_tune.cli import main; main()", *args],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert (door.returncode, door.stdout, door.stderr) == (app.returncode, app.stdout, app.stderr)
+    assert "s3cret" not in door.stdout + door.stderr
+    if door.returncode:
+        assert door.returncode == 2 and door.stderr.startswith("error: "), door.stderr
+    else:
+        assert "tiny" in door.stdout
