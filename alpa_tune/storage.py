@@ -151,7 +151,7 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
             "pool_size": 2,
             "max_overflow": 2,
             "pool_recycle": 600,
-            "connect_args": _PG_CONNECT_ARGS,
+            "connect_args": _pg_connect_args(url),
         }
         for attempt in range(_TRANSIENT_RETRIES + 1):
             try:
@@ -178,6 +178,22 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
 # reply is awaited (keepalives do not apply then; the kernel alone would wait ~15 minutes).
 _PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                     "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
+# The same for the server's side of each session, which the settings above do not reach. A worker
+# cut off (or hung) between a statement and its COMMIT leaves its session idle in a transaction
+# that holds row locks (a parameter's INSERT locks its trial's row against the FOR UPDATE that
+# fails the trial), and one cut off inside the study lock leaves the advisory lock held: either
+# blocks every other worker until the server notices, which by default takes two hours.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 30  # our transactions last milliseconds; a wrong kill is one retry
+_PG_SERVER_OPTIONS = (f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_S}s "
+                      "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 "
+                      "-c tcp_user_timeout=60000")
+
+
+def _pg_connect_args(url: str) -> dict[str, Any]:
+    """Connection arguments for a PostgreSQL URL; an ``options`` in the URL comes after ours (and wins)."""
+    given = _parse_url(url).query.get("options")
+    given = " ".join(given) if isinstance(given, tuple) else given
+    return {**_PG_CONNECT_ARGS, "options": f"{_PG_SERVER_OPTIONS} {given}" if given else _PG_SERVER_OPTIONS}
 _TRANSIENT_RETRIES = 4
 # SQLSTATEs of a server that is restarting or dropped us (class 08: connection exceptions).
 _TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03")  # admin_shutdown, crash_shutdown, cannot_connect_now
@@ -489,7 +505,7 @@ def _postgres_lock(url: str, name: str) -> Iterator[Any]:
         connection = _lock_connections.get(url)
         if connection is None or connection.closed or connection.invalidated:
             engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool,
-                                              connect_args=_PG_CONNECT_ARGS)
+                                              connect_args=_pg_connect_args(url))
             connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             _lock_connections[url] = connection
         try:

@@ -303,3 +303,52 @@ def test_read_only_commands_never_create_a_storage_file(tmp_path: Path, command:
         assert done.stderr.strip() == f"error: storage {url}: {path} does not exist (nothing to read; check " \
                                       "--storage or $ALPA_TUNE_STORAGE)"
         assert not path.exists()
+
+
+# A worker frozen between a parameter's INSERT and its COMMIT: to the server the same as a worker
+# whose link was cut there (no more packets). The INSERT's foreign key locks the trial's row.
+_HOLD_A_TRIAL_ROW = """
+import os, signal, sys
+import sqlalchemy
+from alpa_tune.storage import open_storage
+storage = open_storage(sys.argv[1])
+connection = storage.engine.connect()
+connection.execute(sqlalchemy.text(
+    "INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
+    "VALUES (:trial, 'alpha', 1.0, '{}')"), {"trial": int(sys.argv[2])})
+print("held", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_worker_frozen_inside_a_transaction_does_not_block_the_study(pg_url: str) -> None:
+    """Failing a trial whose worker froze mid-transaction (the stale-trial check) waits for the
+    server to end that session (idle_in_transaction_session_timeout), not for ever."""
+    import sqlalchemy
+
+    from alpa_tune.storage import IDLE_IN_TRANSACTION_TIMEOUT_S
+
+    # Our own statements give up after 90 s, so a regression fails here instead of hanging.
+    storage = open_storage(f"{pg_url}?options=-c%20statement_timeout%3D90000")
+    study = optuna.create_study(study_name="frozen", storage=storage)
+    trial_id = storage.create_new_trial(study._study_id)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_TRIAL_ROW, pg_url, str(trial_id)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with storage.engine.connect() as connection:
+            idle = connection.execute(sqlalchemy.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction'")).scalar()
+        assert idle == 1  # the frozen worker's session holds the row
+
+        started = time.monotonic()
+        failed = storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        waited = time.monotonic() - started
+        assert failed and storage.get_trial(trial_id).state == TrialState.FAIL
+        # It did wait on the lock (the test sees the fault), and only as long as the timeout.
+        assert IDLE_IN_TRANSACTION_TIMEOUT_S - 5 < waited < IDLE_IN_TRANSACTION_TIMEOUT_S + 30, waited
+        assert holder.poll() is None  # still frozen: the server, not the worker, ended its session
+    finally:
+        holder.kill()  # SIGKILL works on a stopped process
+        holder.wait(timeout=30)

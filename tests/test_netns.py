@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -247,3 +248,38 @@ def test_database_host_cut_off(cluster: Cluster) -> None:
     assert codes == dict.fromkeys(labels, 0), cluster.logs()
     for label in labels:
         assert "Traceback" not in cluster.log(label), cluster.log(label)
+
+
+_HOLD_THE_STUDY_LOCK = """
+import sys, time
+from alpa_tune.storage import study_lock
+with study_lock(sys.argv[1], "tiny"):
+    print("locked", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_worker_cut_off_inside_the_study_lock_does_not_hold_it_for_ever(cluster: Cluster) -> None:
+    """A host whose link goes down while its worker holds the study lock (count and ask): the
+    server ends that session on its keepalives and the other workers go on, instead of waiting
+    for the default two hours."""
+    holder_host = cluster.hosts["holder"] = cluster.net.add_host("holder")
+    holder = subprocess.Popen([*holder_host.exec_prefix, sys.executable, "-c", _HOLD_THE_STUDY_LOCK, cluster.url],
+                              stdout=subprocess.PIPE, text=True)
+    cluster.workers["holder"] = holder  # killed by the fixture's close
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cluster.net.cut(holder_host)
+        cut_at = time.monotonic()
+        # From the test's own address: the same study lock, through a session of its own.
+        taker = subprocess.run(
+            [sys.executable, "-c", "import sys; from alpa_tune.storage import study_lock\n"
+             "with study_lock(sys.argv[1], 'tiny'): print('taken')", cluster.url],
+            capture_output=True, text=True, timeout=240)
+        waited = time.monotonic() - cut_at
+        cluster.figures["lock_taken_after_cut_s"] = round(waited, 1)
+        assert taker.returncode == 0 and taker.stdout.strip() == "taken", taker.stderr[-2000:]
+        assert 20 < waited < 150, waited  # it waited on the cut holder, then the server let go
+        assert holder.poll() is None  # the holder never released it: the server did
+    finally:
+        cluster.net.restore(holder_host)

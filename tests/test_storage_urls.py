@@ -178,3 +178,18 @@ def test_import_leaves_optuna_logging_and_warnings_alone() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_postgres_sessions_end_when_their_worker_vanishes_and_url_options_still_apply(pg_url: str) -> None:
+    """Every session asks the server to end it if its worker vanishes (idle in a transaction,
+    keepalives); an ``options`` the user put in the URL is kept and wins over ours."""
+    url = f"{pg_url}?options=-c%20statement_timeout%3D7000%20-c%20tcp_keepalives_idle%3D45"
+    storage = open_storage(url)
+    with storage.engine.connect() as connection:
+        shown = {name: connection.execute(sqlalchemy.text(f"SHOW {name}")).scalar()
+                 for name in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle",
+                              "tcp_keepalives_count", "statement_timeout")}
+    assert shown == {"idle_in_transaction_session_timeout": "30s", "tcp_keepalives_idle": "45",
+                     "tcp_keepalives_count": "3", "statement_timeout": "7s"}
+    with study_lock(url, "any") as connection:
+        assert connection.execute(sqlalchemy.text("SHOW idle_in_transaction_session_timeout")).scalar() == "30s"
