@@ -39,8 +39,10 @@ def read_only_call(args: list[str]) -> Callable[[], None] | None:
         return None if options is None else lambda: list_studies(storage_url(options.get("--storage")), print)
     if args[:2] == ["study", "show"] and len(args) > 2 and not args[2].startswith("-"):
         options = _options(args[3:], {"--storage", "--limit"})
-        limit = (options or {}).get("--limit", "20")
-        if options is None or not limit.isdigit() or int(limit) < 1:
+        if options is None:
+            return None
+        limit = options.get("--limit", "20")
+        if not limit.isdigit() or int(limit) < 1:
             return None  # Typer says what is wrong with it
         name = args[2]
         return lambda: show_study(name, storage_url(options.get("--storage")), int(limit), print)

@@ -184,9 +184,11 @@ _PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 3
 # fails the trial), and one cut off inside the study lock leaves the advisory lock held: either
 # blocks every other worker until the server notices, which by default takes two hours.
 IDLE_IN_TRANSACTION_TIMEOUT_S = 30  # our transactions last milliseconds; a wrong kill is one retry
-_PG_SERVER_OPTIONS = (f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_S}s "
-                      "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 "
-                      "-c tcp_user_timeout=60000")
+_PG_SERVER_OPTIONS = " ".join(f"-c {name}={value}" for name, value in {
+    "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT_S}s",
+    **{f"tcp_{key}": _PG_CONNECT_ARGS[key] for key in ("keepalives_idle", "keepalives_interval", "keepalives_count")},
+    "tcp_user_timeout": _PG_CONNECT_ARGS["tcp_user_timeout"],  # the server's side mirrors the client's
+}.items())
 
 
 def _pg_connect_args(url: str) -> dict[str, Any]:
@@ -194,6 +196,8 @@ def _pg_connect_args(url: str) -> dict[str, Any]:
     given = _parse_url(url).query.get("options")
     given = " ".join(given) if isinstance(given, tuple) else given
     return {**_PG_CONNECT_ARGS, "options": f"{_PG_SERVER_OPTIONS} {given}" if given else _PG_SERVER_OPTIONS}
+
+
 _TRANSIENT_RETRIES = 4
 # SQLSTATEs of a server that is restarting or dropped us (class 08: connection exceptions).
 _TRANSIENT_SQLSTATES = ("57P01", "57P02", "57P03")  # admin_shutdown, crash_shutdown, cannot_connect_now
