@@ -12,6 +12,8 @@ missing value) goes to the Typer app, which owns help and usage errors. Both doo
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -23,6 +25,9 @@ Write = Callable[[str], None]
 
 def main() -> None:
     """``alpa-tune``: the read-only fast door when the words fit it, else the Typer app."""
+    # ``kill -USR1 PID`` writes every thread's stack to stderr (a worker's log) and the process
+    # goes on: a worker, launcher or compare that seems stuck shows where without being stopped.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     call = read_only_call(sys.argv[1:])
     if call is None:
         from alpa_tune.cli import main as typer_main

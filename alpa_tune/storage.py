@@ -571,7 +571,6 @@ def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = No
 # ---------------------------------------------------------------- faults: full disks and outages
 
 
-
 class DiskFullError(StorageError, DiskFull):
     """The storage's disk is full: stop and say so, do not retry."""
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -82,15 +82,43 @@ def start_worker(study: str, url: str, *extra: str, cwd: Path | None = None,
                             cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, details: Callable[[], str] = lambda: ""):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``
+    with ``details()`` (logs, stacks) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{details()}")
+
+
+def processes_of_this_test() -> list[int]:
+    """The pids of every process this test started, however deep (they inherit its marker)."""
+    needle = f"ALPA_TUNE_TEST_OWNER={os.environ['ALPA_TUNE_TEST_OWNER']}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def dump_stacks() -> None:
+    """Ask every alpa-tune process of this test to write its threads' stacks to its log or stderr
+    (``kill -USR1``), so that a test timing out shows where they were."""
+    import signal
+
+    for pid in processes_of_this_test():
+        with contextlib.suppress(OSError):
+            if b"alpa_tune" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
 
 
 def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[int | None]:
@@ -111,7 +139,6 @@ def read_logs(paths: list[Path]) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in paths if p.exists())
 
 
-
 @pytest.fixture(autouse=True)
 def _no_process_outlives_its_test():
     """Kill whatever a test left running (a failed assertion skips its own clean-up, and a
@@ -119,21 +146,14 @@ def _no_process_outlives_its_test():
     marker in its environment, and those still alive afterwards get SIGKILL."""
     import signal
 
-    marker = uuid.uuid4().hex
-    os.environ["ALPA_TUNE_TEST_OWNER"] = marker
+    os.environ["ALPA_TUNE_TEST_OWNER"] = uuid.uuid4().hex
     try:
         yield
     finally:
+        for pid in processes_of_this_test():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         del os.environ["ALPA_TUNE_TEST_OWNER"]
-        needle = f"ALPA_TUNE_TEST_OWNER={marker}".encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
 
 def _admin_engine():
     import sqlalchemy

@@ -22,17 +22,11 @@ def _study(url: str, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=driver_url(url))
 
 
-
-
 def _running_trial_of(url: str, pid: int) -> optuna.trial.FrozenTrial | None:
     for trial in _study(url).get_trials(states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("worker", "").endswith(f":{pid}") and "progress" in trial.user_attrs:
             return trial
     return None
-
-
-
-
 
 
 def test_four_workers_meet_a_budget_of_twelve_exactly(tmp_path: Path, pg_url: str) -> None:

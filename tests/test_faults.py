@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli, finish, read_logs, start_worker, wait_for, write_config
+from conftest import cli, dump_stacks, finish, read_logs, start_worker, wait_for, write_config
 from optuna.trial import TrialState
 
 from alpa_tune.storage import open_storage
@@ -20,12 +21,6 @@ from alpa_tune.storage import open_storage
 
 def _study(url: str, name: str = "tiny") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(url, read_only=True))
-
-
-
-
-
-
 
 
 def _configure(folder: Path, *, n_trials: int, epochs: int, patience: int = 120) -> Path:
@@ -163,17 +158,31 @@ def test_a_disk_that_fills_up_during_a_run_stops_it_with_one_line(tmp_path: Path
     run = subprocess.Popen([sys.executable, "-m", "alpa_tune", "run", str(config), "--storage", url, "--workers", "2",
                             "--out", str(tmp_path / "out")], cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for(lambda: store.exists() and _finished(url) >= 1, 240, "a first finished trial")
+
+    def logs() -> str:
+        return read_logs(sorted((tmp_path / "out").glob("*.log")))
+
+    def first_trial_finished() -> bool:
+        if run.poll() is not None:  # say why at once instead of waiting out the timeout
+            raise AssertionError(f"run exited {run.returncode} before a first trial finished:\n"
+                                 + "".join(run.communicate()) + logs())
+        return store.exists() and _finished(url) >= 1
+
+    def where_it_stalled() -> str:
+        dump_stacks()  # into the worker logs and the run's stderr
+        run.kill()
+        return "".join(run.communicate()) + logs()
+
+    wait_for(first_trial_finished, 240, "a first finished trial", details=where_it_stalled)
     _fill(small_disk)
     try:
         out, err = run.communicate(timeout=240)  # prompt: no endless retrying
     except subprocess.TimeoutExpired:
-        run.kill()
-        raise AssertionError("run kept going on a full disk:\n" + read_logs(sorted((tmp_path / "out").glob("*.log"))))
+        raise AssertionError("run kept going on a full disk:\n" + where_it_stalled()) from None
     assert run.returncode == 5, out + err
     assert f"storage {store}: the disk is full (" in err and " free)" in err, err
     assert "Traceback" not in out + err
-    assert "invalid data in the commit" not in out + err + read_logs(sorted((tmp_path / "out").glob("*.log")))
+    assert "invalid data in the commit" not in out + err + logs()
 
     # Nothing stored is damaged: with space again, the same study reads and resumes.
     for filler in small_disk.glob("filler*"):
@@ -352,3 +361,21 @@ def test_a_worker_frozen_inside_a_transaction_does_not_block_the_study(pg_url: s
     finally:
         holder.kill()  # SIGKILL works on a stopped process
         holder.wait(timeout=30)
+
+
+def test_sigusr1_writes_a_workers_stacks_to_its_log_and_it_goes_on(tmp_path: Path) -> None:
+    """A worker that seems stuck shows where (``kill -USR1``) without losing its trial."""
+    config = _configure(tmp_path, n_trials=2, epochs=4)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("study", "create", str(config), "--storage", url).returncode == 0
+    log = tmp_path / "w.log"
+    worker = start_worker("tiny", url, log=log)
+    wait_for(lambda: any("progress" in t.user_attrs for t in _study(url).get_trials(states=(TrialState.RUNNING,))),
+             180, "a trial in training", details=lambda: read_logs([log]))
+    worker.send_signal(signal.SIGUSR1)
+    assert worker.wait(timeout=300) == 0, read_logs([log])
+    text = log.read_text()
+    assert "most recent call first" in text and "alpa_tune/workers.py" in text, text
+    assert "Thread 0x" in text  # every thread, the heartbeat's too
+    assert len(_study(url).get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert not [t for t in _study(url).trials if t.state == TrialState.FAIL]

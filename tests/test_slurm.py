@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli, write_config
+from conftest import cli, wait_for, write_config
 from optuna.trial import TrialState
 
 from alpa_tune.storage import driver_url
@@ -156,16 +156,6 @@ def _tasks(slurm: Cluster, job: str) -> dict[str, dict[str, str]]:
     return tasks
 
 
-def _wait_for(predicate, timeout: float, what: str, details=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{details()}")
-
-
 def _wait_for_job(slurm: Cluster, job: str, count: int, timeout: float, details) -> dict[str, dict[str, str]]:
     """Each task's fields as it ended (kept here: slurmctld forgets a task MinJobAge after it ends)."""
     seen: dict[str, dict[str, str]] = {}
@@ -174,7 +164,7 @@ def _wait_for_job(slurm: Cluster, job: str, count: int, timeout: float, details)
         seen.update((task, fields) for task, fields in _tasks(slurm, job).items() if fields["JobState"] in ENDED)
         return seen if len(seen) == count else None
 
-    return _wait_for(ended, timeout, f"job {job} to end", details)
+    return wait_for(ended, timeout, f"job {job} to end", interval=0.25, details=details)
 
 
 def _logs(slurm: Cluster, folder: Path) -> str:
@@ -231,8 +221,8 @@ def test_scancel_mid_trial_requeues_it_and_the_other_task_finishes_the_budget(
     started = time.monotonic()
     job = _submit(slurm, tmp_path, pg_url, "slurm_cancel", "--array=0-1", *CPU_FLAGS)
     details = lambda: _logs(slurm, tmp_path)  # noqa: E731
-    victim = _wait_for(lambda: _running_trial_of(pg_url, "slurm_cancel", f"{job}_1"), 120,
-                       f"a running trial of task {job}_1", details)
+    victim = wait_for(lambda: _running_trial_of(pg_url, "slurm_cancel", f"{job}_1"), 120,
+                      f"a running trial of task {job}_1", interval=0.25, details=details)
     cancel = slurm.run("scancel", f"{job}_1")  # SIGTERM to the task, SIGKILL only after KillWait
     assert cancel.returncode == 0, cancel.stderr
     tasks = _wait_for_job(slurm, job, 2, 180, details)
