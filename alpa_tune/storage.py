@@ -138,9 +138,9 @@ def open_storage(url: str, workers: WorkersConfig | None = None, *, read_only: b
         }
     try:
         if scheme == "sqlite":
-            # Optuna's table creation races when two runs meet a new file ("table
-            # study_directions already exists"): one process at a time creates the schema.
-            with contextlib.nullcontext() if read_only else _schema_lock(url):
+            # Optuna's table creation races when two processes meet a new file ("table
+            # study_directions already exists"): one process at a time opens it.
+            with _schema_lock(url, read_only):
                 _prepare_sqlite(url)
                 # A long busy timeout (local workers share one file and queue for its write lock),
                 # unless the URL names its own (?timeout=S, which SQLAlchemy passes to sqlite3).
@@ -473,21 +473,31 @@ def study_lock(url: str, study_name: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _schema_lock(url: str) -> Iterator[None]:
-    """Held while a SQLite storage is opened (and its schema perhaps created); in-memory: no-op."""
+def _schema_lock(url: str, read_only: bool = False) -> Iterator[None]:
+    """Held while a SQLite storage is opened (and its schema perhaps created); in-memory: no-op.
+
+    Readers take it too: opening a file whose schema another process is creating makes Optuna
+    create the missing tables beside it, and one of the two fails ("table studies already
+    exists"). A reader creates no lock file: a creator makes it before the database file.
+    """
     path = sqlite_path(url)
     if path is None:
         yield
         return
-    require_folder(url, path)
-    with _file_lock(Path(f"{path}.alpa-tune-schema-lock")):
+    lock = Path(f"{path}.alpa-tune-schema-lock")
+    if read_only and not lock.exists():  # a file no alpa-tune writer has opened: none to wait for
+        yield
+        return
+    if not read_only:
+        require_folder(url, path)
+    with _file_lock(lock, mode="r" if read_only else "a+"):
         yield
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path, mode: str = "a+") -> Iterator[None]:
     """An exclusive flock on ``path`` (one host), released when the holder dies."""
-    with open(path, "a+") as handle:
+    with open(path, mode) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -48,6 +48,44 @@ def test_sqlite_url_with_a_query_through_the_cli(tmp_path: Path) -> None:
     assert listed.returncode == 0 and "tiny" in listed.stdout, listed.stderr
 
 
+# Opens each of N fresh SQLite files at its own moment: the creator at once, a reader as soon as
+# the file appears (as a dashboard or `study list` started beside a first run does).
+_OPEN_EACH_NEW_FILE = r"""
+import sys, time
+from pathlib import Path
+from alpa_tune.storage import open_storage
+folder, start, role, count = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+for i in range(count):
+    path = folder / f"race{i}.db"
+    while time.time() < start + i * 0.5:
+        pass
+    while role == "reader" and not path.exists():
+        pass
+    try:
+        open_storage(f"sqlite:///{path}", read_only=role == "reader")
+        print("ok", flush=True)
+    except Exception as exc:
+        print(f"{path.name}: {exc}", flush=True)
+"""
+
+
+def test_readers_opening_a_sqlite_file_while_it_is_created_break_nothing(tmp_path: Path) -> None:
+    """A reader meeting a file whose schema is being created used to create tables beside the
+    creator: "table studies already exists" for one of them (9 of 20 creators failed)."""
+    count, start = 20, time.time() + 8  # every process imported before the first file
+    roles = ("creator", "reader", "reader")
+    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_EACH_NEW_FILE, str(tmp_path), str(start), role,
+                                   str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for role in roles]
+    results = {role + str(k): process.communicate(timeout=300) for k, (role, process) in
+               enumerate(zip(roles, processes))}
+    for who, (out, err) in results.items():
+        assert out.split() == ["ok"] * count, f"{who}:\n{out}{err}"
+    for i in range(count):
+        with sqlite3.connect(tmp_path / f"race{i}.db") as connection:
+            assert connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+
+
 def test_failing_open_masks_the_password(pg_server: str) -> None:
     # The local server trusts everyone, so the password is ignored and the role is what fails.
     url = "postgresql://no_such_user:secret@127.0.0.1:5432/db"
