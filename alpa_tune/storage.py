@@ -547,10 +547,23 @@ def _drop_lock_connection(url: str) -> None:
             connection.close()
 
 
+def _rdb_of(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage behind ``storage``, for queries of our own; None for a journal.
+
+    A study wraps the RDBStorage it is given in Optuna's ``_CachedStorage`` (``study._storage``),
+    which has no engine: an ``isinstance(storage, RDBStorage)`` on it is always false, so the
+    queries below silently took their slow fallbacks and the never-beat sweep did nothing.
+    """
+    if isinstance(storage, RDBStorage):
+        return storage
+    inner = getattr(storage, "_backend", None)  # _CachedStorage's; Optuna has no public accessor
+    return inner if isinstance(inner, RDBStorage) else None
+
+
 def read_study_attr(storage: BaseStorage, study_id: int, key: str, connection: Any = None) -> Any:
     """One study user attribute (None if unset). On an RDB one indexed query on ``connection``
     (the study lock's), not a load of every attribute through a pooled session (it runs per trial)."""
-    if isinstance(storage, RDBStorage) and connection is not None:
+    if _rdb_of(storage) is not None and connection is not None:
         import sqlalchemy
 
         query = sqlalchemy.text("SELECT value_json FROM study_user_attributes WHERE study_id = :study AND key = :key")
@@ -563,13 +576,14 @@ def count_trial_states(storage: BaseStorage, study_id: int, connection: Any = No
     """Trials per state. On an RDB one GROUP BY query, not a load of every trial (it runs per
     trial); ``connection`` (the study lock's) saves a pool checkout."""
     counts = {state: 0 for state in TrialState}
-    if isinstance(storage, RDBStorage):
+    rdb = _rdb_of(storage)
+    if rdb is not None:
         import sqlalchemy
 
         query = sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state")
         with contextlib.ExitStack() as stack:
             if connection is None:
-                connection = stack.enter_context(storage.engine.connect())
+                connection = stack.enter_context(rdb.engine.connect())
             for state, count in connection.execute(query, {"study": study_id}):
                 counts[TrialState[state]] = count
         return counts
@@ -705,37 +719,23 @@ class StorageGuard:
         return self.down_since is None and time.monotonic() - self.up_since >= seconds
 
 
-def fail_trials_that_never_beat(storage: BaseStorage, study_id: int, older_than: float) -> list[int]:
-    """FAIL the RUNNING trials that never sent a heartbeat and started ``older_than`` seconds ago.
+def running_trials_without_heartbeat(storage: BaseStorage, study_id: int) -> list[int]:
+    """The RUNNING trials of a study with heartbeats that have never sent one ([] without heartbeats).
 
-    Optuna's stale check skips a trial without any heartbeat. A worker whose connection dies
-    after its ``ask`` committed, but before the reply or the first heartbeat arrived, leaves such
-    a trial behind: without this sweep it would hold a slot of the budget for ever.
+    Optuna's stale check skips a trial without any heartbeat. A worker that dies after its
+    ``ask`` committed, before its first beat (its connection lost, its disk full), leaves such a
+    trial behind: the workers fail it themselves (``workers._BudgetGate``), or it would hold a
+    slot of the budget for ever.
     """
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    if not isinstance(storage, RDBStorage) or not is_heartbeat_enabled(storage):
+    rdb = _rdb_of(storage)
+    if rdb is None or not is_heartbeat_enabled(storage):
         return []
-    import datetime
-
     import sqlalchemy
-    from optuna.exceptions import UpdateFinishedTrialError
 
     query = sqlalchemy.text(
-        "SELECT t.trial_id, t.datetime_start FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
         "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
-    with storage.engine.connect() as connection:
-        rows = connection.execute(query, {"study": study_id}).all()
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # Optuna stores UTC
-    failed = []
-    for trial_id, started in rows:
-        if started is not None and (now - started).total_seconds() < older_than:
-            continue
-        try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", "never sent a heartbeat: its worker lost the "
-                                        "storage while starting it")
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except UpdateFinishedTrialError:
-            pass  # another worker got there first
-    return failed
+    with rdb.engine.connect() as connection:
+        return [trial_id for (trial_id,) in connection.execute(query, {"study": study_id})]

@@ -43,9 +43,9 @@ from alpa_tune.storage import (
     TrialTakenOver,
     count_trial_states,
     disk_full_error,
-    fail_trials_that_never_beat,
     mask_url,
     open_storage,
+    running_trials_without_heartbeat,
     storage_errors,
     study_lock,
 )
@@ -415,6 +415,28 @@ class _BudgetGate:
         self.url = url
         self.guard = guard
         self.grace_period = grace_period
+        self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it unbeaten
+
+    def _fail_and_requeue(self, trial_id: int, reason: str) -> None:
+        storage = backend(self.study)
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        try:
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return  # another worker got there first
+        self.retry(self.study, storage.get_trial(trial_id))
+
+    def _fail_trials_that_never_beat(self) -> None:
+        """Fail and re-queue the RUNNING trials that have had no heartbeat for as long as this
+        worker has watched them, once that is the grace period plus a minute. Timed on this
+        worker's own clock: a trial's start time is its creator's local clock, another machine's."""
+        now = time.monotonic()
+        silent = running_trials_without_heartbeat(backend(self.study), self.study._study_id)
+        self._silent_since = {trial_id: self._silent_since.get(trial_id, now) for trial_id in silent}
+        for trial_id, since in self._silent_since.items():
+            if now - since >= self.grace_period + 60:
+                self._fail_and_requeue(trial_id, "never sent a heartbeat: its worker died or lost the storage "
+                                                 "while starting it; queued again")
 
     def _fail_trials_of_dead_local_workers(self) -> None:
         """Without heartbeats (journal files, one host), fail and re-queue the RUNNING trials
@@ -431,13 +453,7 @@ class _BudgetGate:
                     continue
             elif worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue
-            backend(self.study).set_trial_user_attr(trial._trial_id, "fail_reason",
-                                                    f"its worker {host}:{pid or '?'} is gone; queued again")
-            try:
-                backend(self.study).set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue
-            self.retry(self.study, backend(self.study).get_trial(trial._trial_id))
+            self._fail_and_requeue(trial._trial_id, f"its worker {host}:{pid or '?'} is gone; queued again")
 
     def next_trial(self) -> optuna.Trial | str:
         """A new RUNNING trial (already beating), or "done" / "wait"."""
@@ -451,7 +467,7 @@ class _BudgetGate:
                 # Not right after an outage: live workers need a grace period to beat again.
                 if self.guard.settled(self.grace_period):
                     fail_stale_trials(self.study)
-                    fail_trials_that_never_beat(storage, self.study._study_id, self.grace_period + 60)
+                    self._fail_trials_that_never_beat()
                 if not is_heartbeat_enabled(storage):
                     self._fail_trials_of_dead_local_workers()
                 counts = count_trial_states(storage, self.study._study_id, connection)
@@ -463,7 +479,7 @@ class _BudgetGate:
                 # "Heartbeat ... supposed to be used with Study.optimize": this loop beats itself.
                 warnings.simplefilter("ignore", UserWarning)
                 # The first heartbeat comes from the trial's heartbeat thread; a worker that dies
-                # before it leaves a trial that fail_trials_that_never_beat fails later.
+                # before it leaves a trial that _fail_trials_that_never_beat fails later.
                 return self.study.ask()
 
 

@@ -379,3 +379,28 @@ def test_sigusr1_writes_a_workers_stacks_to_its_log_and_it_goes_on(tmp_path: Pat
     assert "Thread 0x" in text  # every thread, the heartbeat's too
     assert len(_study(url).get_trials(states=(TrialState.COMPLETE,))) == 2
     assert not [t for t in _study(url).trials if t.state == TrialState.FAIL]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_run_again(tmp_path: Path) -> None:
+    """A worker that dies between its ``ask`` and its first heartbeat (its disk full, its link
+    cut) leaves a RUNNING trial that Optuna's stale check never judges. It used to hold its slot
+    for ever: a study one trial short of its budget waited on it without end."""
+    config = _configure(tmp_path, n_trials=2, epochs=1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("study", "create", str(config), "--storage", url).returncode == 0
+    orphan = optuna.load_study(study_name="tiny", storage=open_storage(url)).ask()  # then "dies": never beats
+    started = time.monotonic()
+    done = cli("run", str(config), "--storage", url, "--workers", "1", "--out", str(tmp_path / "out"),
+               cwd=tmp_path, timeout=400)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr + read_logs(sorted((tmp_path / "out").glob("*.log")))
+    trials = _study(url).trials
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert "never sent a heartbeat" in trials[orphan.number].user_attrs["fail_reason"]
+    # Queued again with the same paper point (run when the budget has room, like any retry).
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state in (TrialState.WAITING, TrialState.COMPLETE)
+    assert retry[0].system_attrs["fixed_params"] == trials[orphan.number].system_attrs["fixed_params"]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2  # the budget, exactly
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert took >= 63, took  # judged after the grace period (3 s) plus a minute of silence, not sooner
