@@ -56,6 +56,7 @@ def time_loop(url: str, trials: int) -> float:
 
 
 def _worker(url: str, name: str, rank: int) -> None:
+    quiet_optuna()  # a spawned process starts with Optuna's warnings on again
     study = optuna.load_study(study_name=name, storage=open_storage(url, WORKERS),
                               sampler=optuna.samplers.RandomSampler(seed=rank))
     trial_loop(study, url, trivial, stop=threading.Event(), poll=0.05, log=lambda _: None)
