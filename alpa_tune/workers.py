@@ -419,8 +419,8 @@ class _BudgetGate:
 
     def _fail_and_requeue(self, trial_id: int, reason: str) -> None:
         storage = backend(self.study)
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
         try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             return  # another worker got there first
