@@ -415,6 +415,9 @@ class _BudgetGate:
         self.url = url
         self.guard = guard
         self.grace_period = grace_period
+        # A trial that never beat (or never named its worker) is judged after a minute more than
+        # the grace period: its first beat may lag its ask on a loaded machine or database.
+        self.orphaned_after = grace_period + 60
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it unbeaten
 
     def _fail_and_requeue(self, trial_id: int, reason: str) -> None:
@@ -434,7 +437,7 @@ class _BudgetGate:
         silent = running_trials_without_heartbeat(backend(self.study), self.study._study_id)
         self._silent_since = {trial_id: self._silent_since.get(trial_id, now) for trial_id in silent}
         for trial_id, since in self._silent_since.items():
-            if now - since >= self.grace_period + 60:
+            if now - since >= self.orphaned_after:
                 self._fail_and_requeue(trial_id, "never sent a heartbeat: its worker died or lost the storage "
                                                  "while starting it; queued again")
 
@@ -449,7 +452,7 @@ class _BudgetGate:
             if not pid:
                 started = trial.datetime_start
                 age = (datetime.datetime.now(started.tzinfo) - started).total_seconds() if started else float("inf")
-                if age < self.grace_period + 60:
+                if age < self.orphaned_after:
                     continue
             elif worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue

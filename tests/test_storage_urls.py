@@ -57,8 +57,7 @@ from alpa_tune.storage import open_storage
 folder, start, role, count = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 for i in range(count):
     path = folder / f"race{i}.db"
-    while time.time() < start + i * 0.5:
-        pass
+    time.sleep(max(0.0, start + i * 0.5 - time.time()))
     while role == "reader" and not path.exists():
         pass
     try:
